@@ -1,0 +1,43 @@
+# The QLoRA course kit. Two commands: `make course` (run the whole course) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kit-installed
+
+# The offline profile, built into the checkout (a fresh clone builds its own, once).
+export HF_HUB_OFFLINE ?= 1
+export QLORA_KIT_PROFILE ?= offline
+export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
+export PYTHONHASHSEED := 0
+
+.PHONY: course test lab notebooks notebook venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run every notebook headless on the offline profile, write figures/, print what each proved.
+course: $(STAMP)
+	$(PY) -m qlora_helpers.course
+
+## Unit tests plus nbval over every notebook (what .ci/run runs).
+test: $(STAMP)
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q
+
+## JupyterLab on the notebooks (ipywidgets render there).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+## Re-execute notebooks and write their outputs in place (for committing).
+notebooks: $(STAMP)
+	$(PY) -m qlora_helpers.course --inplace
+
+notebook: $(STAMP)
+	$(PY) -m qlora_helpers.course --inplace $(NB)
+
+clean:
+	rm -rf build .cache

@@ -1,0 +1,188 @@
+"""One place that decides how the course runs here: profile, device, dtype, optimizer, sources.
+
+Two profiles, one code path:
+
+* ``offline`` (default without a GPU): the kit's own tiny Llama, tokenizer and date task
+  (:mod:`qlora_helpers.offline`), built locally, no network.
+* ``gpu`` (default with a CUDA GPU): a small open instruct model and a public instruction
+  dataset from the Hugging Face Hub, for Colab's T4 or better.
+
+``QLORA_KIT_PROFILE=offline|gpu`` overrides the default. Both load through the same calls:
+``AutoTokenizer.from_pretrained``, ``AutoModelForCausalLM.from_pretrained(...,
+quantization_config=BitsAndBytesConfig(...))`` and ``datasets.load_dataset``.
+
+Compute dtype: bf16 only where the GPU has it natively (compute capability >= 8.0, Ampere and
+newer). ``torch.cuda.is_bf16_supported()`` answers True on a T4 (7.5) through emulation
+(shared/PITFALLS.md, item 3), so the kit reads the capability instead. fp16 on T4/V100.
+fp32 on the CPU: measured on this kit's 2-core machine (no AVX512-BF16), a bf16 training step
+is slower than fp32, and fp32 keeps the CPU results an exact reference (README, "CPU dtype").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+PROFILE_ENV = "QLORA_KIT_PROFILE"
+PROFILES = ("offline", "gpu")
+GPU_MODEL_ID = "Qwen/Qwen2.5-0.5B-Instruct"          # Apache-2.0, 0.5B: trains on a T4
+GPU_DATASET_ID = "timdettmers/openassistant-guanaco"  # the QLoRA paper's OASST1 subset
+
+
+class HubUnreachableError(RuntimeError):
+    """The gpu profile could not load its model or dataset from the Hugging Face Hub."""
+
+
+def compute_dtype_for(device: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """``compute_dtype_for("cuda", (7, 5))`` -> ``torch.float16`` (T4: no native bf16)."""
+    if device == "cpu":
+        return torch.float32
+    if capability is None:
+        raise ValueError("compute_dtype_for('cuda', ...) needs the compute capability, e.g. (7, 5)")
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
+def optimizer_for(device: str) -> str:
+    """A ``TrainingArguments.optim`` name. Paged optimizers page through CUDA unified memory,
+    so they only mean something on a GPU; on the CPU the kit uses plain AdamW."""
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str                     # "offline" | "gpu"
+    device: str                   # "cpu" | "cuda"
+    gpu_name: str | None
+    compute_capability: tuple[int, int] | None
+    compute_dtype: torch.dtype
+    optimizer: str
+    model_source: str             # a local folder or a hub id
+    dataset_source: str           # a local folder or a hub id
+
+    def bnb_config(self, double_quant: bool = True, quant_type: str = "nf4"):
+        """The QLoRA paper's 4-bit recipe: NF4, double quantization, compute in ``compute_dtype``."""
+        from transformers import BitsAndBytesConfig
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=self.compute_dtype)
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The active profile: ``name``, else ``$QLORA_KIT_PROFILE``, else gpu if CUDA is there."""
+    cuda = torch.cuda.is_available()
+    name = name or os.environ.get(PROFILE_ENV) or ("gpu" if cuda else "offline")
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; use one of {PROFILES}")
+    if name == "gpu" and not cuda:
+        raise RuntimeError(
+            f"The gpu profile needs a CUDA GPU, but torch.cuda.is_available() is False. In Colab: "
+            f"Runtime > Change runtime type > T4 GPU. Without a GPU: set {PROFILE_ENV}=offline.")
+    if cuda and name == "gpu":
+        cap = torch.cuda.get_device_capability(0)
+        device, gpu = "cuda", torch.cuda.get_device_name(0)
+    else:
+        cap, device, gpu = None, "cpu", None
+    if name == "offline":
+        from .offline import cache_root, RECIPE_VERSION
+        root = cache_root() / f"offline-{RECIPE_VERSION}"
+        model_src, data_src = str(root / "model"), str(root / "data")
+    else:
+        model_src, data_src = GPU_MODEL_ID, GPU_DATASET_ID
+    return Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
+                   model_src, data_src)
+
+
+def _hub_error(what: str, source: str, err: Exception) -> HubUnreachableError:
+    return HubUnreachableError(
+        f"Could not load the {what} {source!r} from the Hugging Face Hub ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Check the network (and HF_HUB_OFFLINE), "
+        f"or switch to the offline profile: set {PROFILE_ENV}=offline before starting Python.")
+
+
+def _ensure_local(profile: Profile) -> None:
+    if profile.name == "offline":
+        from .offline import ensure_offline_assets
+        ensure_offline_assets()
+
+
+def load_tokenizer(profile: Profile | None = None):
+    """``AutoTokenizer.from_pretrained`` on the profile's model; pad token set, right padding."""
+    from transformers import AutoTokenizer
+    profile = profile or get_profile()
+    _ensure_local(profile)
+    try:
+        tok = AutoTokenizer.from_pretrained(profile.model_source)
+    except OSError as err:
+        raise _hub_error("tokenizer", profile.model_source, err) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(profile: Profile | None = None, quantized: bool = True, double_quant: bool = True):
+    """``AutoModelForCausalLM.from_pretrained`` on the profile's model.
+
+    Args:
+        quantized: load the linear layers as bitsandbytes NF4 ``Linear4bit`` (QLoRA's frozen
+            base); False loads the weights in the profile's compute dtype.
+        double_quant: quantize the NF4 block constants again (QLoRA's double quantization).
+    """
+    from transformers import AutoModelForCausalLM
+    profile = profile or get_profile()
+    _ensure_local(profile)
+    kw = {"dtype": profile.compute_dtype}
+    if quantized:
+        kw["quantization_config"] = profile.bnb_config(double_quant=double_quant)
+    if profile.device == "cuda":
+        kw["device_map"] = {"": 0}
+    try:
+        return AutoModelForCausalLM.from_pretrained(profile.model_source, **kw)
+    except OSError as err:
+        raise _hub_error("model", profile.model_source, err) from err
+
+
+def load_task_dataset(profile: Profile | None = None):
+    """The kit's exact-match task (date reformatting) as a ``DatasetDict`` with train/test.
+
+    It is local in both profiles: the gpu profile fine-tunes the hub model on the same task, so
+    "did training work?" has the same number to answer it. Built with the offline assets.
+    """
+    from datasets import load_dataset
+    from .offline import ensure_offline_assets
+    return load_dataset("json", data_files=ensure_offline_assets(log=lambda *_: None).data_files)
+
+
+def load_chat_dataset(profile: Profile | None = None):
+    """The profile's general instruction data: the date task offline, OASST1-guanaco on the gpu."""
+    profile = profile or get_profile()
+    if profile.name == "offline":
+        return load_task_dataset(profile)
+    from datasets import load_dataset
+    try:
+        return load_dataset(profile.dataset_source)
+    except Exception as err:  # datasets raises ConnectionError, OSError or its own hub errors
+        raise _hub_error("dataset", profile.dataset_source, err) from err
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes, datasets, peft, transformers
+    return {"python": __import__("platform").python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "datasets": datasets.__version__}
+
+
+def doctor(profile: Profile | None = None, show: bool = True) -> dict:
+    """The environment doctor every notebook prints in its header."""
+    profile = profile or get_profile()
+    cap = profile.compute_capability
+    facts = {**versions(), "profile": profile.name, "device": profile.device,
+             "gpu": profile.gpu_name or "-",
+             "compute capability": f"{cap[0]}.{cap[1]}" if cap else "-",
+             "compute dtype": str(profile.compute_dtype).replace("torch.", ""),
+             "optimizer": profile.optimizer, "model": profile.model_source,
+             "dataset": profile.dataset_source, "cpu threads": str(torch.get_num_threads())}
+    if show:
+        width = max(map(len, facts))
+        print("\n".join(f"{k:>{width}} : {v}" for k, v in facts.items()))
+    return facts

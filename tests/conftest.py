@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+# The tests run on the offline profile and never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def assets():
+    """The offline profile's assets (built once into $QLORA_KIT_CACHE, reused after)."""
+    from qlora_helpers.offline import ensure_offline_assets
+    return ensure_offline_assets()
+
+
+@pytest.fixture(scope="session")
+def offline_profile(assets):
+    from qlora_helpers.runtime import get_profile
+    return get_profile("offline")

@@ -1,0 +1,90 @@
+"""The offline profile is a real pipeline: standard files, a pretrained base, a learnable task."""
+import json
+import math
+import random
+
+import bitsandbytes as bnb
+import torch
+
+from qlora_helpers import offline
+from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer
+
+
+def test_assets_are_standard_hf_files(assets):
+    names = {p.name for p in assets.model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    cfg = json.loads((assets.model_dir / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    # widths are multiples of 64 (PITFALLS 1: the CPU repack needs out_features % 32 == 0)
+    assert all(cfg[k] % 64 == 0 for k in ("hidden_size", "intermediate_size", "vocab_size"))
+
+
+def test_base_model_is_pretrained_not_random(assets, offline_profile):
+    """Loss of the saved model on held-out English text is far below a uniform guess."""
+    tok = load_tokenizer(offline_profile)
+    model = load_model(offline_profile, quantized=False)
+    from pydoc_data.topics import topics
+    ids = tok(topics["if"], return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < 0.6 * math.log(len(tok)), loss   # uniform: ln 2048 = 7.62
+    assert assets.report["final_loss"] < assets.report["first_loss"] - 3
+
+
+def test_four_bit_load_through_bitsandbytes_config(offline_profile):
+    model = load_model(offline_profile)
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))}
+    assert kinds.pop("lm_head") is torch.nn.Linear
+    assert kinds and all(k is bnb.nn.Linear4bit for k in kinds.values())
+    qs = model.model.layers[0].mlp.up_proj.weight.quant_state
+    assert qs.quant_type == "nf4" and qs.nested and qs.blocksize == 64
+
+
+def test_tokenizer_chat_template_and_special_tokens(offline_profile):
+    tok = load_tokenizer(offline_profile)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id
+    assert tok.tokenize("2024") == ["2", "0", "2", "4"]          # digits split as in Llama
+
+
+def test_task_splits_are_disjoint_and_correct(assets, offline_profile):
+    ds = load_task_dataset(offline_profile)
+    assert (len(ds["train"]), len(ds["test"])) == (2000, 200)
+    assert not set(ds["train"]["answer"]) & set(ds["test"]["answer"])
+    for row in ds["test"]:
+        iso = next(w.strip(".?()") for w in row["prompt"].split() if w.count("-") == 2)
+        y, m, d = iso.split("-")
+        assert row["answer"] == f"{d}/{m}/{y}" and row["messages"][1]["content"] == row["answer"]
+
+
+def test_test_dates_never_appear_in_pretraining_text():
+    splits = offline.make_task_splits()
+    test = {r["answer"] for r in splits["test"]}
+    text = " ".join(offline.pretraining_text(exclude=test))
+    assert not any(a in text for a in test)
+    assert sum(a in text for a in (r["answer"] for r in splits["train"][:200])) > 0  # the check can fire
+
+
+def test_task_generation_is_deterministic():
+    a, b = offline.make_task_splits(n_train=50, n_test=10), offline.make_task_splits(n_train=50, n_test=10)
+    assert a == b
+    assert offline.make_task_example(random.Random(0)) == offline.make_task_example(random.Random(0))
+
+
+def test_build_is_cached(assets, capsys):
+    again = offline.ensure_offline_assets()
+    assert again.root == assets.root and "Building" not in capsys.readouterr().out
+
+
+def test_batched_generation_equals_one_by_one(offline_profile):
+    """Left padding must not change greedy answers (a wrong padding side would)."""
+    from qlora_helpers.evaluation import exact_match, generate_answers
+    tok, model = load_tokenizer(offline_profile), load_model(offline_profile, quantized=False)
+    prompts = [r["prompt"] for r in offline.make_task_splits(n_train=0, n_test=6)["test"]]
+    batched = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=6)
+    single = [generate_answers(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == single and tok.padding_side == "right"
+    import pytest
+    with pytest.raises(ValueError, match="at least one row"):
+        exact_match(model, tok, [])

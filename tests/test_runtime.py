@@ -1,0 +1,74 @@
+"""The runtime profile: dtype and optimizer rules, profile selection, clear errors."""
+import pytest
+import torch
+
+from qlora_helpers import runtime
+from qlora_helpers.runtime import (HubUnreachableError, compute_dtype_for, get_profile,
+                                   optimizer_for)
+
+
+@pytest.mark.parametrize("cap, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                        ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
+                                        ((9, 0), torch.bfloat16)])
+def test_compute_dtype_follows_capability_not_is_bf16_supported(cap, dtype, monkeypatch):
+    # A T4 answers True to is_bf16_supported() through emulation (PITFALLS 3); the rule must not ask it.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert compute_dtype_for("cuda", cap) == dtype
+
+
+def test_cpu_dtype_and_optimizers():
+    assert compute_dtype_for("cpu") == torch.float32
+    assert optimizer_for("cuda") == "paged_adamw_8bit"
+    assert optimizer_for("cpu") == "adamw_torch"
+    with pytest.raises(ValueError, match="capability"):
+        compute_dtype_for("cuda")
+
+
+def test_default_profile_without_gpu_is_offline(monkeypatch):
+    monkeypatch.delenv(runtime.PROFILE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = get_profile()
+    assert (p.name, p.device, p.compute_dtype, p.optimizer) == ("offline", "cpu", torch.float32, "adamw_torch")
+
+
+def test_gpu_profile_with_a_t4(monkeypatch):
+    monkeypatch.delenv(runtime.PROFILE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
+    p = get_profile()
+    assert (p.name, p.gpu_name, p.compute_dtype, p.optimizer) == ("gpu", "Tesla T4", torch.float16, "paged_adamw_8bit")
+    assert p.model_source == runtime.GPU_MODEL_ID
+    monkeypatch.setenv(runtime.PROFILE_ENV, "offline")  # the variable overrides the GPU default
+    assert get_profile().name == "offline"
+
+
+def test_bad_profile_names_and_missing_gpu(monkeypatch):
+    monkeypatch.setenv(runtime.PROFILE_ENV, "colab")
+    with pytest.raises(ValueError, match="'colab' is not a profile"):
+        get_profile()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*QLORA_KIT_PROFILE=offline"):
+        get_profile("gpu")
+
+
+def test_unreachable_hub_says_how_to_go_offline(monkeypatch):
+    # HF_HUB_OFFLINE=1 (conftest) makes any uncached hub id unreachable, as on a machine without network.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
+    p = get_profile("gpu")
+    p = type(p)(**{**p.__dict__, "model_source": "qlora-kit-tests/no-such-model"})
+    with pytest.raises(HubUnreachableError, match="no-such-model.*QLORA_KIT_PROFILE=offline"):
+        runtime.load_tokenizer(p)
+    p = type(p)(**{**p.__dict__, "dataset_source": "qlora-kit-tests/no-such-dataset"})
+    with pytest.raises(HubUnreachableError, match="no-such-dataset.*QLORA_KIT_PROFILE=offline"):
+        runtime.load_chat_dataset(p)
+
+
+def test_doctor_reports_the_decisions(offline_profile, capsys):
+    facts = runtime.doctor(offline_profile)
+    out = capsys.readouterr().out
+    for key in ("torch", "transformers", "peft", "bitsandbytes", "compute dtype", "optimizer", "model"):
+        assert key in facts and key in out
+    assert facts["compute dtype"] == "float32" and facts["profile"] == "offline"
