@@ -11,7 +11,7 @@ export QLORA_KIT_PROFILE ?= offline
 export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
 export PYTHONHASHSEED := 0
 
-.PHONY: course test lab notebooks notebook venv clean
+.PHONY: course test lab notebooks notebook venv assets clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+## Build the offline model, tokenizer and task once (about two minutes; cached after).
+assets: $(STAMP)
+	$(PY) -m qlora_helpers.offline
+
 ## Run every notebook headless on the offline profile, write figures/, print what each proved.
-course: $(STAMP)
+course: assets
 	$(PY) -m qlora_helpers.course
 
 ## Unit tests plus nbval over every notebook (what .ci/run runs).
-test: $(STAMP)
+test: assets
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q
 
 ## JupyterLab on the notebooks (ipywidgets render there).
@@ -33,10 +37,10 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
 
 ## Re-execute notebooks and write their outputs in place (for committing).
-notebooks: $(STAMP)
+notebooks: assets
 	$(PY) -m qlora_helpers.course --inplace
 
-notebook: $(STAMP)
+notebook: assets
 	$(PY) -m qlora_helpers.course --inplace $(NB)
 
 clean:

@@ -278,5 +278,6 @@ def ensure_offline_assets(log=print) -> OfflineAssets:
 
 
 if __name__ == "__main__":
-    a = ensure_offline_assets()
-    print(json.dumps({k: v for k, v in a.report.items()}, indent=1))
+    r = ensure_offline_assets().report
+    print(f"offline profile ready: {r['n_params']:,} parameters, pretraining loss "
+          f"{r['first_loss']:.2f} -> {r['final_loss']:.2f} ({r['seconds']:.0f} s when built)")
