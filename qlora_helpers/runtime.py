@@ -14,8 +14,16 @@ quantization_config=BitsAndBytesConfig(...))`` and ``datasets.load_dataset``.
 Compute dtype: bf16 only where the GPU has it natively (compute capability >= 8.0, Ampere and
 newer). ``torch.cuda.is_bf16_supported()`` answers True on a T4 (7.5) through emulation
 (shared/PITFALLS.md, item 3), so the kit reads the capability instead. fp16 on T4/V100.
-fp32 on the CPU: measured on this kit's 2-core machine (no AVX512-BF16), a bf16 training step
-is slower than fp32, and fp32 keeps the CPU results an exact reference (README, "CPU dtype").
+fp32 on the CPU: measured on this kit's 2-core CI machine (no AVX512-BF16), one QLoRA training
+step of the offline model (LoRA r=16 on all linear layers, batch 16 x 64 tokens, 1 thread) took
+210 ms with fp32 compute, 1680 ms with fp16 and 2179 ms with bf16; fp32 is also the exact
+reference the GPU runs can be compared with.
+
+CPU threads: the offline profile runs torch on one thread (``$QLORA_KIT_THREADS`` overrides).
+Its matrices are 128 wide, too small for a second thread to pay off, and measured on the 2-core
+CI machine with other work running, a LoRA training step took 156-214 ms on 1 thread and
+1.5-7.7 s on 2 (OpenMP threads waiting for a busy core). One thread also makes float results
+independent of how many cores a learner's machine has.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 PROFILE_ENV = "QLORA_KIT_PROFILE"
+THREADS_ENV = "QLORA_KIT_THREADS"
 PROFILES = ("offline", "gpu")
 GPU_MODEL_ID = "Qwen/Qwen2.5-0.5B-Instruct"          # Apache-2.0, 0.5B: trains on a T4
 GPU_DATASET_ID = "timdettmers/openassistant-guanaco"  # the QLoRA paper's OASST1 subset
@@ -83,6 +92,8 @@ def get_profile(name: str | None = None) -> Profile:
         device, gpu = "cuda", torch.cuda.get_device_name(0)
     else:
         cap, device, gpu = None, "cpu", None
+    if device == "cpu":
+        torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
     if name == "offline":
         from .offline import cache_root, RECIPE_VERSION
         root = cache_root() / f"offline-{RECIPE_VERSION}"
@@ -181,7 +192,7 @@ def doctor(profile: Profile | None = None, show: bool = True) -> dict:
              "compute capability": f"{cap[0]}.{cap[1]}" if cap else "-",
              "compute dtype": str(profile.compute_dtype).replace("torch.", ""),
              "optimizer": profile.optimizer, "model": profile.model_source,
-             "dataset": profile.dataset_source, "cpu threads": str(torch.get_num_threads())}
+             "dataset": profile.dataset_source, "torch threads": str(torch.get_num_threads())}
     if show:
         width = max(map(len, facts))
         print("\n".join(f"{k:>{width}} : {v}" for k, v in facts.items()))

@@ -1,0 +1,86 @@
+"""qlora_helpers.memory: meta-device counts against published sizes, predictions against measured bytes."""
+import json
+
+import pytest
+import torch
+
+from qlora_helpers import memory as M
+
+
+@pytest.mark.parametrize("name", sorted(M.PUBLISHED_PARAMS))
+def test_count_params_published(name):
+    assert M.count_params(name) == M.PUBLISHED_PARAMS[name]
+
+
+def test_config_forms_agree(tmp_path):
+    d = M.KNOWN_CONFIGS["llama-2-7b"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    want = M.PUBLISHED_PARAMS["llama-2-7b"]
+    assert M.count_params(d) == want
+    assert M.count_params(tmp_path / "config.json") == want
+    assert M.count_params(str(tmp_path)) == want
+    assert M.count_params(M.load_config(d)) == want
+
+
+def test_tied_embeddings_counted_once():
+    tiny = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)  # small for test speed
+    untied = M.count_params({**tiny, "tie_word_embeddings": False})
+    tied = M.count_params({**tiny, "tie_word_embeddings": True})
+    assert untied - tied == 1000 * 64
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="not-a-model"):
+        M.count_params({"model_type": "not-a-model"})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        M.count_params(str(tmp_path / "nowhere" / "config.json"))
+    with pytest.raises(ValueError, match="seq_len"):
+        M.estimate_memory("llama-2-7b", seq_len=0)
+    with pytest.raises(ValueError, match="r must be"):
+        M.estimate_memory("llama-2-7b", r=-8)
+    with pytest.raises(ValueError, match="batch_size"):
+        M.activation_bytes("llama-2-7b", batch_size=-1, seq_len=8)
+    with pytest.raises(ValueError, match="unknown GPU"):
+        M.will_it_fit(M.estimate_memory("llama-2-7b"), "h900")
+
+
+def test_methods_order_and_dq_saving():
+    est = {m: M.estimate_memory("llama-2-7b", m) for m in M.METHODS}
+    assert est["qlora"].total < est["qlora_no_dq"].total < est["lora16"].total < est["full_mixed"].total
+    saved = est["qlora_no_dq"].components["quant constants"] - est["qlora"].components["quant constants"]
+    n_q = M.nf4_bytes("llama-2-7b")["n_quantized"]
+    assert abs(saved * 8 / n_q - 0.373) < 0.001          # the paper's 0.373 bit per parameter
+
+
+def test_cli(capsys):
+    assert M.main(["llama-2-7b", "--gpu", "t4"]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert M.main(["llama-2-70b", "--gpu", "t4"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert M.main(["no/such/config.json"]) == 2
+
+
+def test_prediction_equals_measurement(offline_profile):
+    """The loaded 4-bit model and the optimizer states after one step, to the byte."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from qlora_helpers.runtime import load_model
+    src = offline_profile.model_source
+    model = load_model(offline_profile)
+    got = M.loaded_model_bytes(model)
+    q = M.nf4_bytes(src)
+    assert got["weights"] == q["weights"] + 4 * (M.count_params(src) - q["n_quantized"])  # fp32 rest
+    assert got["quant constants"] == q["constants"]
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    train = [p for p in peft.parameters() if p.requires_grad]
+    shapes = M.lora_shapes(src, 32)
+    assert sorted(tuple(p.shape) for p in train) == sorted(shapes)
+    x = torch.randint(0, 2048, (2, 16))
+    for name, cls in [("adamw", torch.optim.AdamW), ("adamw_8bit", bnb.optim.AdamW8bit)]:
+        opt = cls(train, lr=1e-4)
+        peft(input_ids=x, labels=x, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert M.optimizer_bytes(opt) == M.optimizer_state_bytes(shapes, name), name
