@@ -1,0 +1,271 @@
+"""QLoRA supervised fine-tuning with transformers' ``Trainer``, and the checks that it trained.
+
+What it teaches: the whole QLoRA recipe (Dettmers et al., arXiv 2305.14314) on one code path
+for the CPU (offline profile) and a GPU (gpu profile):
+
+* a frozen base in NF4 with double quantization (:func:`qlora_helpers.runtime.load_model`),
+  compute dtype from the runtime profile;
+* ``peft.prepare_model_for_kbit_training`` (fp32 norms/embeddings, input grads for gradient
+  checkpointing), LoRA on every linear layer (``target_modules="all-linear"``);
+* ``TrainingArguments`` with the profile's optimizer (``paged_adamw_8bit`` on a GPU), bf16/fp16
+  flags from the profile's compute dtype, max grad norm 0.3, a constant schedule after warm-up;
+* :class:`TrainingHealthCallback`: LoRA gradients non-zero, loss finite and not stuck at zero
+  (:class:`TrainingAlarm` otherwise), gradient norm recorded; :func:`base_fingerprint` proves the
+  4-bit base stays byte-for-byte unchanged.
+
+The paper's hyperparameters (:data:`QLORA_PAPER`) are checked against the paper's appendix B.2 and
+its reference trainer (github.com/artidoro/qlora, ``qlora.py``: lora_r 64, lora_alpha 16,
+learning_rate 2e-4, max_grad_norm 0.3, lr_scheduler_type "constant", optim "paged_adamw_32bit",
+gradient_checkpointing True). Data preparation lives in :mod:`qlora_helpers.sft_data`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from transformers import TrainerCallback
+
+# The QLoRA paper's own choices (arXiv 2305.14314, appendix B.2; artidoro/qlora defaults).
+QLORA_PAPER = {
+    "r": 64, "lora_alpha": 16, "target_modules": "all linear layers",
+    "lora_dropout": "0.1 (7B, 13B) / 0.05 (33B, 65B)",
+    "learning_rate": "2e-4 (7B, 13B) / 1e-4 (33B, 65B)",
+    "lr_scheduler_type": "constant", "max_grad_norm": 0.3,
+    "optim": "paged AdamW (paged_adamw_32bit in the reference code)",
+    "batch size": "16 (64 for 65B)",
+}
+# The kit's starting point: a smaller rank with alpha = 2r (scaling 2), the common PEFT recipe.
+KIT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+
+
+class TrainingAlarm(RuntimeError):
+    """Training produced a value that means it is broken (NaN loss, a loss stuck at zero, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------
+def lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05):
+    """A PEFT ``LoraConfig`` on all linear layers (QLoRA's choice; the output head excluded).
+
+    Args:
+        r: adapter rank. lora_alpha: scale numerator (update scaled by ``lora_alpha / r``).
+        lora_dropout: dropout on the adapter's input.
+    Returns:
+        ``peft.LoraConfig`` for a causal LM.
+    """
+    from peft import LoraConfig
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+
+
+def prepare_qlora_model(model, config, gradient_checkpointing: bool = True):
+    """``prepare_model_for_kbit_training`` then ``get_peft_model``: the trainable QLoRA model.
+
+    ``prepare_model_for_kbit_training`` freezes the base, casts the small non-quantized weights
+    (norms, embeddings) to fp32 for stability, and makes the input embeddings require grad so that
+    gradient checkpointing has something to back-propagate through (the base has no trainable
+    weights). ``use_reentrant=False`` is the checkpointing variant PyTorch recommends.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, config)
+
+
+def precision_flags(profile) -> dict[str, bool]:
+    """``TrainingArguments`` mixed-precision flags from the profile: bf16 on Ampere+, fp16 on a T4,
+    neither on the CPU (fp32)."""
+    return {"bf16": profile.compute_dtype == torch.bfloat16,
+            "fp16": profile.compute_dtype == torch.float16}
+
+
+def training_arguments(profile, output_dir: str, **overrides):
+    """``TrainingArguments`` for QLoRA on ``profile``; keyword ``overrides`` win.
+
+    Defaults: the profile's optimizer, the paper's max grad norm 0.3, a constant learning rate
+    after a short linear warm-up (``constant_with_warmup``; the paper uses constant, its code warms
+    up for 3% of steps), gradient checkpointing, loss logged every 10 steps, no checkpoints, no
+    external reporting, fixed seed.
+    """
+    from transformers import TrainingArguments
+    kw = dict(output_dir=output_dir, optim=profile.optimizer, learning_rate=2e-4,
+              lr_scheduler_type="constant_with_warmup", warmup_steps=10, max_grad_norm=0.3,
+              per_device_train_batch_size=16, max_steps=100, logging_steps=10,
+              gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+              save_strategy="no", report_to="none", remove_unused_columns=False, seed=0,
+              data_seed=0, dataloader_num_workers=0, use_cpu=profile.device == "cpu",
+              **precision_flags(profile))
+    kw.update(overrides)
+    if kw["learning_rate"] <= 0 or not math.isfinite(kw["learning_rate"]):
+        raise ValueError(f"learning_rate must be a positive number, got {kw['learning_rate']}")
+    return TrainingArguments(**kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Is it really training?
+# ----------------------------------------------------------------------------------------------
+def check_loss(loss: float, step: int, zero_tol: float = 1e-6) -> None:
+    """Raise :class:`TrainingAlarm` if ``loss`` is NaN/inf or (near) zero; else return None.
+
+    A cross-entropy of exactly 0 on language data means something broke, most often fp16: the
+    loss overflows, the grad scaler skips steps and logs 0, or every label is -100.
+    """
+    if not math.isfinite(loss):
+        raise TrainingAlarm(
+            f"loss is {loss} at step {step}. Likely fix: fp16 overflow -> use bf16 (compute capability "
+            f">= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs.")
+    if loss <= zero_tol:
+        raise TrainingAlarm(
+            f"loss is {loss} at step {step}: a language-model loss is never exactly 0. Likely fix: if "
+            f"fp16, switch to bf16/fp32 (a known fp16 failure logs 0.0); check that not every label is "
+            f"-100 (response-only masking with a too-short max_length).")
+
+
+def lora_parameters(model, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter weights by name (``lora_A`` / ``lora_B``); only trainable ones by default."""
+    return {n: p for n, p in model.named_parameters()
+            if "lora_" in n and (p.requires_grad or not trainable_only)}
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # the tensor's bytes
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+
+
+def base_fingerprint(model) -> dict[str, str]:
+    """SHA-256 of every non-LoRA tensor in ``model.state_dict()``: the packed NF4 bytes (uint8),
+    the quantization state (absmax, nested absmax, quant map), embeddings, norms, head.
+
+    Read through ``state_dict()``, not ``weight.data``: on CPUs with AVX512-BF16, bitsandbytes
+    repacks ``weight.data`` in place at the first inference forward and ``state_dict()`` converts it
+    back (shared/PITFALLS.md, item 1).
+    """
+    return {k: _tensor_digest(v) for k, v in model.state_dict().items()
+            if "lora_" not in k and isinstance(v, torch.Tensor)}
+
+
+class TrainingHealthCallback(TrainerCallback):
+    """A ``TrainerCallback`` that checks training is real, and records what it saw.
+
+    * before the first optimizer step: every LoRA tensor has a gradient, and some are non-zero
+      (only ``lora_B`` starts at zero, so ``lora_A`` gets zero grads at step 1; both must be
+      non-zero by :meth:`report` time);
+    * on every log: :func:`check_loss` (NaN / zero alarm), loss and gradient norm recorded;
+    * :meth:`report` after training: LoRA moved, base bytes unchanged.
+    """
+
+    def __init__(self, model):
+        self.before_lora = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+        self.before_base = base_fingerprint(model)
+        self.history: list[dict] = []          # {"step", "loss", "grad_norm"} per log
+        self.nonzero_grads: dict[str, bool] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for n, p in lora_parameters(model).items():
+            if p.grad is None:
+                raise TrainingAlarm(f"LoRA weight {n} has no gradient at step {state.global_step}; "
+                                    "is the input wired for gradient checkpointing "
+                                    "(prepare_model_for_kbit_training)?")
+            self.nonzero_grads[n] = self.nonzero_grads.get(n, False) or bool(p.grad.abs().sum() > 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            check_loss(float(logs["loss"]), state.global_step)
+            self.history.append({"step": state.global_step, "loss": float(logs["loss"]),
+                                 "grad_norm": float(logs.get("grad_norm", float("nan")))})
+
+    def report(self, model) -> dict:
+        """What training did: LoRA change, gradient coverage, base bytes unchanged."""
+        after = lora_parameters(model)
+        moved = {n: (after[n].detach() - b).abs().max().item() for n, b in self.before_lora.items()}
+        return {"n_lora_tensors": len(moved),
+                "all_lora_had_nonzero_grad": bool(self.nonzero_grads) and all(self.nonzero_grads.values()),
+                "all_lora_moved": all(v > 0 for v in moved.values()),
+                "min_lora_change": min(moved.values()),
+                "base_unchanged": base_fingerprint(model) == self.before_base,
+                "n_base_tensors": len(self.before_base)}
+
+
+class StopAtStep(TrainerCallback):
+    """A ``TrainerCallback`` that ends training after step ``k`` (a simulated interruption)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.k:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def plot_training(history: list[dict]):
+    """Loss and gradient-norm curves side by side; returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    if not history:
+        raise ValueError("history is empty: log at least once (logging_steps <= max_steps)")
+    steps = [h["step"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(steps, [h["loss"] for h in history], marker="o", ms=3)
+    ax1.set(xlabel="optimizer step", ylabel="training loss (response tokens)", yscale="log",
+            title="loss")
+    ax2.plot(steps, [h["grad_norm"] for h in history], marker="o", ms=3, color="C1")
+    ax2.set(xlabel="optimizer step", ylabel="gradient norm (before clipping)", title="grad norm")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Throughput: padding versus packing
+# ----------------------------------------------------------------------------------------------
+def tokens_per_second(model, batches: list[dict]) -> dict[str, float]:
+    """Forward + backward over ``batches``; real (non-pad) tokens per second and the pad share.
+
+    Args:
+        batches: collated batches (padded ones carry ``attention_mask``; packed ones
+            ``position_ids``). The first batch is a warm-up and is not timed.
+    Returns:
+        ``{"tokens_per_s", "pad_share", "seconds"}``.
+    """
+    import time
+    model.train()
+    real = total = 0
+    t0 = None
+    for i, b in enumerate(batches):
+        if i == 1:
+            t0 = time.perf_counter()
+        b = {k: v.to(model.device) for k, v in b.items()}
+        model(**b, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        if i >= 1:
+            n = b["input_ids"].numel()
+            total += n
+            real += int(b["attention_mask"].sum()) if "attention_mask" in b else n
+    if t0 is None:
+        raise ValueError("tokens_per_second needs at least 2 batches (the first is a warm-up)")
+    seconds = time.perf_counter() - t0
+    return {"tokens_per_s": real / seconds, "pad_share": 1 - real / total, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and comparing adapters
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def logits_of(model, tok, texts: list[str]) -> torch.Tensor:
+    """Logits of ``texts`` (right-padded batch, cache off) for output comparisons."""
+    model.eval()
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    return model(**enc, use_cache=False).logits.float().cpu()  # (batch, seq, vocab)
+
+
+def lora_difference(a, b) -> float:
+    """Largest absolute difference between two models' LoRA weights (same adapter layout)."""
+    pa, pb = lora_parameters(a, False), lora_parameters(b, False)
+    if pa.keys() != pb.keys():
+        raise ValueError(f"the models have different LoRA weights: {sorted(pa.keys() ^ pb.keys())[:4]}")
+    return max((pa[n].detach() - pb[n].detach()).abs().max().item() for n in pa)

@@ -1,0 +1,142 @@
+"""SFT data: chat-formatted examples, loss on the response only, and packing without leaks.
+
+What it teaches:
+
+* **Chat template.** A training example is the conversation rendered by the tokenizer's own
+  ``apply_chat_template``, so training sees exactly the format that inference
+  (:func:`qlora_helpers.evaluation.prompt_text`) will feed the model.
+* **EOS.** The assistant turn ends with ``<|im_end|>``, the tokenizer's EOS token. It is part of
+  the labels: a model that never saw it as a target never learns to stop.
+* **Loss on responses only.** Prompt tokens get the label ``-100`` (PyTorch's
+  ``CrossEntropyLoss(ignore_index=-100)``), as in the QLoRA paper's training on the target only
+  (arXiv 2305.14314, section 5: "train on the target"). Checked against TRL's
+  ``assistant_only_loss`` / ``completion_only_loss`` masks.
+* **Packing without cross-contamination.** ``transformers.DataCollatorWithFlattening`` concatenates
+  a batch into one row and restarts ``position_ids`` at 0 for every example (padding-free
+  packing). With ``use_cache=False`` and no ``attention_mask``, transformers 5 derives a block-
+  diagonal mask from the restarts, so no example attends to another (shared/PITFALLS.md, item 2);
+  :func:`packed_logits` and ``tests/test_sft.py`` prove it against the model run on each example alone.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index
+
+
+def _check_messages(example: dict) -> list[dict]:
+    try:
+        msgs = example["messages"]
+    except (KeyError, TypeError):
+        msgs = None
+    if not msgs or msgs[-1].get("role") != "assistant":
+        raise ValueError(f"each row needs 'messages' ending with an assistant turn, got {example!r:.200}; "
+                         "build rows as [{'role': 'user', ...}, {'role': 'assistant', ...}]")
+    return msgs
+
+
+def tokenize_chat(example: dict, tok, max_length: int = 128) -> dict[str, list[int]]:
+    """Token ids and labels of one chat row; prompt tokens labelled ``-100``.
+
+    The sequence stops at the assistant's EOS token (``<|im_end|>``): the newline the template
+    writes after it is never generated, so it is not trained on either.
+
+    Args:
+        example: a row with ``messages`` (user turn(s), then the assistant turn).
+        tok: a tokenizer with a chat template and an EOS token.
+        max_length: longest sequence allowed; a longer one is an error, never silently cut,
+            because cutting would drop the answer (or its EOS) from the labels.
+    Returns:
+        ``{"input_ids": [...], "labels": [...]}`` of equal length.
+    """
+    msgs = _check_messages(example)
+    prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_dict=False)
+    full = tok.apply_chat_template(msgs, return_dict=False)
+    if full[:len(prompt)] != prompt:
+        raise ValueError("the chat template renders the prompt differently with and without the answer; "
+                         "response-only labels need the prompt to be a prefix of the full conversation")
+    end = len(full) - full[::-1].index(tok.eos_token_id)  # up to and including the last EOS
+    full = full[:end]
+    if len(full) > max_length:
+        raise ValueError(f"example has {len(full)} tokens (prompt {len(prompt)}) but max_length={max_length}; "
+                         f"raise max_length to at least {len(full)} or shorten the prompt")
+    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
+    return {"input_ids": full, "labels": labels}
+
+
+def tokenize_dataset(ds, tok, max_length: int = 128):
+    """:func:`tokenize_chat` over a ``datasets.Dataset``, keeping only ``input_ids`` and ``labels``."""
+    return ds.map(lambda ex: tokenize_chat(ex, tok, max_length), remove_columns=ds.column_names)
+
+
+def show_labels(example: dict[str, list[int]], tok) -> str:
+    """The trained-on text: label tokens decoded, each run of ``-100`` shown as one ``[-100 x n]``.
+
+    ``show_labels({"input_ids": [5, 6, 7], "labels": [-100, -100, 7]}, tok)`` -> ``'[-100 x 2]' + tok.decode([7])``
+    """
+    out, run = [], 0
+    for t in example["labels"] + [None]:
+        if t == IGNORE_INDEX:
+            run += 1
+            continue
+        if run:
+            out.append(f"[-100 x {run}]")
+            run = 0
+        if t is not None:
+            out.append(tok.decode([t]))
+    return "".join(out)
+
+
+def padded_collator(tok, max_length: int | None = 128):
+    """Right padding with labels padded with -100.
+
+    ``max_length=128``: every row padded to 128, the common tutorial recipe
+    (``padding="max_length"``). ``max_length=None``: padded to the longest row of the batch.
+    """
+    from transformers import DataCollatorForSeq2Seq
+    padding = "max_length" if max_length else "longest"
+    return DataCollatorForSeq2Seq(tok, padding=padding, max_length=max_length,
+                                  label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+def packed_collator():
+    """Padding-free packing: one row per batch, ``position_ids`` restarting at 0 per example."""
+    from transformers import DataCollatorWithFlattening
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+
+def pad_share(batch: dict[str, torch.Tensor], pad_token_id: int) -> float:
+    """Share of the positions in ``batch`` that are padding (0.0 for a packed batch).
+
+    A padded batch says which positions are real in its ``attention_mask``; a packed batch has
+    no mask and no padding.
+    """
+    if "attention_mask" in batch:
+        return 1.0 - batch["attention_mask"].float().mean().item()
+    return (batch["input_ids"] == pad_token_id).float().mean().item()
+
+
+@torch.no_grad()
+def packed_logits(model, examples: list[list[int]], use_cache: bool = False) -> list[torch.Tensor]:
+    """Logits of each example, computed with all of them packed into one row.
+
+    Args:
+        examples: token id lists.
+        use_cache: transformers 5 only builds the per-example mask from ``position_ids`` when no
+            cache is passed; ``True`` shows what goes wrong (PITFALLS item 2).
+    Returns:
+        One ``(len(example), vocab)`` tensor per example.
+    """
+    batch = packed_collator()([{"input_ids": ids} for ids in examples])
+    out = model(input_ids=batch["input_ids"].to(model.device),
+                position_ids=batch["position_ids"].to(model.device), use_cache=use_cache)
+    return list(out.logits[0].split([len(ids) for ids in examples]))  # (len_i, vocab) each
+
+
+@torch.no_grad()
+def packing_error(model, examples: list[list[int]], use_cache: bool = False) -> float:
+    """Largest absolute logit difference between each example packed and the same example alone."""
+    packed = packed_logits(model, examples, use_cache=use_cache)
+    alone = [model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0]
+             for ids in examples]
+    return max((p - a).abs().max().item() for p, a in zip(packed, alone))

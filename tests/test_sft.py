@@ -1,0 +1,115 @@
+"""qlora_helpers.sft / sft_data: the oracles are transformers' own model run on each example alone,
+token counts by hand, and a few real Trainer steps on the offline model."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from qlora_helpers.sft import (TrainingAlarm, TrainingHealthCallback, check_loss, lora_config,
+                               lora_parameters, precision_flags, prepare_qlora_model,
+                               training_arguments)
+from qlora_helpers.sft_data import (IGNORE_INDEX, packed_collator, packing_error, pad_share,
+                                    padded_collator, show_labels, tokenize_chat, tokenize_dataset)
+
+ROW = {"messages": [{"role": "user", "content": "Rewrite the date 2024-03-17 as DD/MM/YYYY."},
+                    {"role": "assistant", "content": "17/03/2024"}]}
+
+
+@pytest.fixture(scope="module")
+def tok(offline_profile):
+    from qlora_helpers.runtime import load_tokenizer
+    return load_tokenizer(offline_profile)
+
+
+@pytest.fixture(scope="module")
+def fp_model(offline_profile):
+    from qlora_helpers.runtime import load_model
+    return load_model(offline_profile, quantized=False).eval()
+
+
+def test_labels_mask_the_prompt_and_keep_eos(tok):
+    ex = tokenize_chat(ROW, tok)
+    prompt = tok.apply_chat_template(ROW["messages"][:1], add_generation_prompt=True, return_dict=False)
+    answer = tok("17/03/2024", add_special_tokens=False)["input_ids"]
+    # by hand: the sequence is prompt + answer + <|im_end|>, and only the last two parts are labels
+    assert ex["input_ids"] == prompt + answer + [tok.eos_token_id]
+    assert ex["labels"] == [IGNORE_INDEX] * len(prompt) + answer + [tok.eos_token_id]
+    assert show_labels(ex, tok) == f"[-100 x {len(prompt)}]17/03/2024<|im_end|>"
+
+
+def test_bad_rows_and_short_max_length_are_named(tok):
+    with pytest.raises(ValueError, match="messages"):
+        tokenize_chat({"prompt": "x"}, tok)
+    with pytest.raises(ValueError, match="max_length=8"):
+        tokenize_chat(ROW, tok, max_length=8)
+
+
+def test_pad_share_by_hand(tok):
+    feats = [tokenize_chat(ROW, tok), tokenize_chat({"messages": [
+        {"role": "user", "content": "Convert 1999-12-01 to day/month/year format."},
+        {"role": "assistant", "content": "01/12/1999"}]}, tok)]
+    n_real = sum(len(f["input_ids"]) for f in feats)
+    padded = padded_collator(tok, max_length=64)([dict(f) for f in feats])
+    assert padded["input_ids"].shape == (2, 64)
+    assert pad_share(padded, tok.pad_token_id) == pytest.approx(1 - n_real / 128)
+    packed = packed_collator()([dict(f) for f in feats])
+    assert packed["input_ids"].shape == (1, n_real) and pad_share(packed, tok.pad_token_id) == 0.0
+    n0 = len(feats[0]["input_ids"])
+    assert packed["position_ids"][0, n0].item() == 0                 # positions restart per example
+    assert packed["labels"][0, n0].item() == IGNORE_INDEX            # no loss across the boundary
+
+
+def test_packed_logits_equal_alone_only_without_cache(fp_model, tok, offline_profile):
+    from qlora_helpers.runtime import load_task_dataset
+    rows = load_task_dataset(offline_profile)["test"].select(range(3))
+    examples = [tokenize_chat(r, tok)["input_ids"] for r in rows]
+    assert packing_error(fp_model, examples, use_cache=False) < 1e-4     # fp32 reduction-order noise
+    # PITFALLS item 2: with the cache on, transformers 5 ignores the position_ids restarts.
+    assert packing_error(fp_model, examples, use_cache=True) > 0.1
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), 0.0])
+def test_alarm_on_nan_or_zero_loss(loss):
+    with pytest.raises(TrainingAlarm, match=rf"loss is {loss} at step 7.*(bf16|fp32)"):
+        check_loss(loss, step=7)
+    check_loss(1.25, step=7)  # a normal loss passes
+
+
+def test_precision_flags_follow_the_profile(offline_profile):
+    assert precision_flags(offline_profile) == {"bf16": False, "fp16": False}
+    t4 = dataclasses.replace(offline_profile, device="cuda", compute_dtype=torch.float16)
+    a100 = dataclasses.replace(offline_profile, device="cuda", compute_dtype=torch.bfloat16)
+    assert precision_flags(t4) == {"bf16": False, "fp16": True}
+    assert precision_flags(a100) == {"bf16": True, "fp16": False}
+
+
+def test_few_trainer_steps_train_lora_only(offline_profile, tok, tmp_path):
+    import bitsandbytes as bnb
+    from datasets import Dataset
+    from transformers import Trainer
+    from qlora_helpers.runtime import load_model
+    torch.manual_seed(0)
+    model = prepare_qlora_model(load_model(offline_profile), lora_config())
+    wrapped = {n.split(".lora_A")[0] for n in lora_parameters(model) if "lora_A" in n}
+    four_bit = {n.removesuffix(".base_layer") for n, m in model.named_modules()
+                if isinstance(m, bnb.nn.Linear4bit)}
+    assert wrapped == four_bit and len(four_bit) == 28                # LoRA on every 4-bit linear
+    train = tokenize_dataset(Dataset.from_list([ROW] * 32), tok)
+    cb = TrainingHealthCallback(model)
+    args = training_arguments(offline_profile, str(tmp_path), learning_rate=3e-3, max_steps=4,
+                              per_device_train_batch_size=8, logging_steps=1, warmup_steps=0,
+                              disable_tqdm=True)
+    assert args.optim == offline_profile.optimizer and args.max_grad_norm == 0.3
+    Trainer(model=model, args=args, train_dataset=train, data_collator=packed_collator(),
+            callbacks=[cb]).train()
+    rep = cb.report(model)
+    assert rep["all_lora_had_nonzero_grad"] and rep["all_lora_moved"] and rep["base_unchanged"]
+    assert len(cb.history) == 4 and all(math.isfinite(h["grad_norm"]) for h in cb.history)
+    with pytest.raises(TrainingAlarm, match="nan"):                   # the alarm fires from on_log
+        cb.on_log(args, _State(5), None, logs={"loss": float("nan")})
+
+
+class _State:
+    def __init__(self, step):
+        self.global_step = step
