@@ -1,0 +1,204 @@
+"""qlora_helpers.merge: merges checked against PEFT's merge_and_unload, bitsandbytes' dequantize_4bit
+and the kit's own NF4 + double quantization; the CPU repack trap (PITFALLS item 1) simulated with
+bitsandbytes' own repack function, so the defence is exercised on CPUs without AVX512-BF16 too."""
+import json
+
+import pytest
+import torch
+
+from qlora_helpers import merge as M
+
+R = 4  # small for test speed
+
+
+@pytest.fixture(scope="module")
+def tok(offline_profile):
+    from qlora_helpers.runtime import load_tokenizer
+    return load_tokenizer(offline_profile)
+
+
+@pytest.fixture(scope="module")
+def texts(tok):
+    from qlora_helpers.runtime import load_task_dataset
+    return M.conversation_texts(tok, load_task_dataset()["test"].select(range(4)))
+
+
+def lora_4bit(profile, seed: int = 0, r: int = R):
+    """A PEFT model on the 4-bit base with a non-zero adapter (default init B = 0 proves nothing)."""
+    from peft import get_peft_model
+    from qlora_helpers.runtime import load_model
+    from qlora_helpers.sft import lora_config
+    torch.manual_seed(seed)
+    model = get_peft_model(M.keep_standard_layout(load_model(profile)), lora_config(r=r, lora_alpha=2 * r))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def lora_weights(plain) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in plain.named_parameters() if n.endswith("proj.weight")}
+
+
+def test_kit_dequantization_equals_bitsandbytes(offline_profile):
+    from bitsandbytes.functional import dequantize_4bit
+    model = lora_4bit(offline_profile)
+    for name, m in M.linear4bit_modules(model).items():
+        want = dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        assert torch.equal(M.kit_dequantize_weight(m), want), name
+        assert torch.equal(M.dequantize_weight(m), want), name
+
+
+def test_merge_to_fp_equals_dequantized_base_plus_delta(offline_profile, texts, tok):
+    model = lora_4bit(offline_profile)
+    plain = M.merge_to_fp(model)
+    assert not M.linear4bit_modules(plain) and type(plain).__name__ == "LlamaForCausalLM"
+    base = model.get_base_model()
+    for name, w in lora_weights(plain).items():
+        layer = base.get_submodule(name.removesuffix(".weight"))
+        delta = layer.get_delta_weight("default")
+        assert delta.abs().max() > 1e-3, f"{name}: zero update, the test would prove nothing"
+        # independent of bitsandbytes: the kit's NF4 + double-quant dequantization
+        assert torch.allclose(w - delta, M.kit_dequantize_weight(layer.get_base_layer()), atol=1e-6), name
+    ref, mask = M.logits_and_mask(model, tok, texts)
+    got, _ = M.logits_and_mask(plain, tok, texts)
+    assert M.logit_gap(ref, got, mask)["max_abs_logit_diff"] < 1e-3  # fp32 reassociation only
+
+
+def test_merge_to_fp_equals_peft_merge_on_dequantized_base(offline_profile, tmp_path):
+    """Oracle: PEFT's own merge_and_unload into a full-precision model holding dequant(Q(W))."""
+    from qlora_helpers.runtime import load_model
+    model = lora_4bit(offline_profile)
+    M.save_adapter(model, tmp_path / "a")
+    fp = load_model(offline_profile, quantized=False)
+    base = model.get_base_model()
+    with torch.no_grad():
+        for name, m in base.named_modules():
+            if M._is_4bit(m):
+                fp.get_submodule(name.removesuffix(".base_layer")).weight.copy_(M.dequantize_weight(m))
+    want = lora_weights(M.merge_into_base(fp, tmp_path / "a"))
+    got = lora_weights(M.merge_to_fp(model))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
+def test_repacked_weight_fools_dequantize_4bit_but_not_the_kit(offline_profile):
+    """PITFALLS item 1, reproduced with bitsandbytes' own repack: dequantize_4bit on weight.data
+    is garbage; dequantize_weight converts a copy back and stays within the bf16 absmax rounding."""
+    from bitsandbytes.functional import dequantize_4bit
+    model = lora_4bit(offline_profile)
+    fresh = {n: M.dequantize_weight(m) for n, m in M.linear4bit_modules(model).items()}
+    assert M.simulate_cpu_repack(model) == len(fresh) == 28
+    for name, m in M.linear4bit_modules(model).items():
+        assert M.is_repacked(m)
+        try:
+            naive = dequantize_4bit(m.weight.data, m.weight.quant_state).float().reshape(fresh[name].shape)
+            assert (naive - fresh[name]).abs().max() > 0.01, f"{name}: the trap did not reproduce"
+        except (RuntimeError, ValueError, AssertionError) as err:  # a wrong layout may also raise
+            if "trap did not reproduce" in str(err):
+                raise
+        got = M.dequantize_weight(m)
+        assert M.is_repacked(m), "dequantize_weight must not change the module"
+        # Note (bf16 absmax): absmax rounded to bf16 (2^-9 relative) then re-quantized to 8 bits:
+        # bounded by 2% of the layer's largest weight (measured: < 0.5%).
+        tol = 0.02 * fresh[name].abs().max()
+        assert (got - fresh[name]).abs().max() <= tol, name
+        assert torch.equal(M.kit_dequantize_weight(m), got), name
+
+
+def test_merge_after_repack_matches_fresh_merge(offline_profile):
+    model = lora_4bit(offline_profile)
+    fresh = lora_weights(M.merge_to_fp(model))
+    M.simulate_cpu_repack(model)
+    after = lora_weights(M.merge_to_fp(model))
+    for k in fresh:
+        assert (after[k] - fresh[k]).abs().max() <= 0.02 * fresh[k].abs().max(), k
+    # what PEFT's 4-bit merge would read without the defence
+    from peft.utils.integrations import dequantize_bnb_weight
+    m = M.linear4bit_modules(model)["base_model.model.model.layers.0.mlp.up_proj.base_layer"]
+    naive = dequantize_bnb_weight(m.weight).float().reshape(m.out_features, m.in_features)
+    assert (naive - M.dequantize_weight(m)).abs().max() > 0.01
+
+
+def test_merge_into_4bit_after_repack_matches_fresh(offline_profile):
+    a, b = lora_4bit(offline_profile), lora_4bit(offline_profile)
+    M.simulate_cpu_repack(b)
+    ma, mb = M.merge_into_4bit(a), M.merge_into_4bit(b)
+    qa, qb = M.linear4bit_modules(ma), M.linear4bit_modules(mb)
+    assert qa.keys() == qb.keys() and not any(M.is_repacked(m) for m in qb.values())
+    for k in qa:
+        wa, wb = M.dequantize_weight(qa[k]), M.dequantize_weight(qb[k])
+        # re-quantizing a slightly different W + ΔW flips a few NF4 codes (measured: <= 0.16% of
+        # weights, mean |diff| <= 0.2% of mean |w|); a wrong layout would change most of them
+        assert ((wa - wb).abs() > 1e-3).float().mean() < 0.01, k
+        assert (wa - wb).abs().mean() < 0.01 * wa.abs().mean(), k
+
+
+def test_evaluate_then_merge_is_exact_with_repack_switched_off(offline_profile, tok, texts, monkeypatch):
+    """An eval forward triggers the repack only where allowed; keep_standard_layout forbids it,
+    so a merge after an evaluation is bit-identical to a merge on a fresh model on any CPU."""
+    import bitsandbytes.nn.modules as bnb_modules
+    calls = []
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu",
+                        lambda w, s, *a, **k: (calls.append(1), (w, s))[1])  # spy, layout untouched
+    model = lora_4bit(offline_profile)
+    fresh = lora_weights(M.merge_to_fp(model))
+    for m in M.linear4bit_modules(model).values():
+        m.support_avx512bf16_for_cpu = True  # pretend this CPU has AVX512-BF16
+    M.logits_and_mask(model, tok, texts)
+    assert calls, "an eval no-grad forward should trigger the repack on such a CPU"
+    calls.clear()
+    M.keep_standard_layout(model)
+    M.logits_and_mask(model, tok, texts)
+    assert not calls
+    after = lora_weights(M.merge_to_fp(model))
+    assert all(torch.equal(after[k], fresh[k]) for k in fresh)
+
+
+def test_save_and_reload_without_peft(offline_profile, tok, texts, tmp_path):
+    from transformers import AutoModelForCausalLM
+    plain = M.merge_to_fp(lora_4bit(offline_profile))
+    path = M.save_merged(plain, tok, tmp_path / "merged")
+    assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    again = AutoModelForCausalLM.from_pretrained(path)
+    a, mask = M.logits_and_mask(plain, tok, texts)
+    b, _ = M.logits_and_mask(again, tok, texts)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="plain merged model"):
+        M.save_merged(lora_4bit(offline_profile), tok, tmp_path / "nope")
+
+
+def test_unmerge_restores_the_base(offline_profile, tmp_path):
+    from qlora_helpers.runtime import load_model
+    M.save_adapter(lora_4bit(offline_profile), tmp_path / "a")
+    fp = load_model(offline_profile, quantized=False)
+    before = {n: p.detach().clone() for n, p in fp.named_parameters()}
+    peft_fp = M.load_adapter(fp, tmp_path / "a")
+    peft_fp.merge_adapter()
+    moved = max((p - before[n.removeprefix("base_model.model.").replace("base_layer.", "")]).abs().max()
+                for n, p in peft_fp.named_parameters() if "base_layer.weight" in n)
+    assert moved > 1e-3
+    peft_fp.unmerge_adapter()
+    for n, p in peft_fp.named_parameters():
+        if "lora_" not in n:
+            w = before[n.removeprefix("base_model.model.").replace("base_layer.", "")]
+            assert (p - w).abs().max() <= 4 * torch.finfo(torch.float32).eps * 2, n  # |W|<2: fp32 rounding
+
+
+def test_adapter_of_another_shape_is_refused(offline_profile, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from qlora_helpers.runtime import load_model
+    M.save_adapter(lora_4bit(offline_profile), tmp_path / "a")
+    fp = load_model(offline_profile, quantized=False)
+    cfg = fp.config.__class__.from_dict({**fp.config.to_dict(), "intermediate_size": 256})
+    other = AutoModelForCausalLM.from_config(cfg)  # another base: narrower MLP
+    with pytest.raises(M.AdapterMismatchError, match=r"mlp\.down_proj\.lora_A has shape \(4, 384\).*must be \(4, 256\)"):
+        M.merge_into_base(other, tmp_path / "a")
+    info = json.loads((tmp_path / "a" / M.BASE_INFO_FILE).read_text())
+    (tmp_path / "a" / M.BASE_INFO_FILE).write_text(json.dumps({**info, "model_type": "qwen2"}))
+    with pytest.raises(M.AdapterMismatchError, match="model_type 'qwen2'"):
+        M.load_adapter(fp, tmp_path / "a")
+    with pytest.raises(M.AdapterMismatchError, match="no adapter_config.json"):
+        M.check_adapter_matches(fp, tmp_path)
