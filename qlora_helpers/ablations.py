@@ -1,0 +1,445 @@
+"""Ablations: which LoRA/QLoRA recipe claims hold on one task, one budget, one seed set?
+
+What it teaches (notebook ``06_ablations``): every variant trains the same 4-bit base on the same
+batches in the same order for the same number of steps, and is measured the same way (final exact
+match, final training and held-out loss, trainable parameters, memory, wall time). Seeds are
+repeated for the main comparison, so a difference is only called real when it is larger than the
+spread between seeds.
+
+The claims and the papers they come from:
+
+* rank r in {4, 8, 16, 32, 64}, scale ``alpha / r`` (LoRA, Hu et al., arXiv 2106.09685) versus
+  ``alpha / sqrt(r)`` (rsLoRA, Kalajdzievski, arXiv 2312.03732: with ``alpha / r`` the update
+  shrinks as r grows, so high ranks learn slower; ``1 / sqrt(r)`` keeps it rank-stable);
+* targets: q,v only (the LoRA paper's choice) / all attention / all linear layers (QLoRA, Dettmers
+  et al., arXiv 2305.14314, section 4: all layers are needed to match full fine-tuning);
+* initialization: B = 0 on NF4(W) versus LoftQ (Li et al., arXiv 2310.08659), see
+  :mod:`qlora_helpers.loftq`;
+* optimizer: AdamW versus LoRA-FA (Zhang et al., arXiv 2308.03303: A frozen at its random init,
+  only B trained, so the layer input need not be stored for A's gradient);
+* DoRA (Liu et al., arXiv 2402.09353): magnitude and direction trained apart.
+
+Production code used and checked against: PEFT 0.21.2 (``LoraConfig(use_rslora=..., use_dora=...)``,
+``peft.optimizers.create_lorafa_optimizer``), the kit's training building blocks
+(:func:`qlora_helpers.sft.lora_config`, :func:`~qlora_helpers.sft.prepare_qlora_model`,
+:func:`qlora_helpers.sft_data.tokenize_dataset`, :func:`~qlora_helpers.sft_data.padded_collator`),
+and :func:`qlora_helpers.evaluation.exact_match`. The loop is plain PyTorch (AdamW, linear warm-up
+then constant learning rate, max grad norm 0.3 as in :func:`qlora_helpers.sft.training_arguments`)
+because LoRA-FA needs its own optimizer object and the memory probe needs the backward pass.
+
+Memory on the CPU is counted, not sampled: ``state_bytes`` = bytes of trainable parameters +
+their gradients + optimizer state (exact, from the tensors); ``activation_bytes`` = bytes of the
+tensors autograd saves for backward in one training step (``torch.autograd.graph.
+saved_tensors_hooks``, each storage counted once, gradient checkpointing off so that what each
+layer keeps is visible). The frozen 4-bit base is the same for all variants and is not counted.
+
+Run the full grid: ``python -m qlora_helpers.ablations --full`` (writes build/ablations.json and
+figures/06_*.png); the notebook runs a reduced grid unless ``QLORA_KIT_FULL_GRID=1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import sft, sft_data
+from .evaluation import exact_match
+
+FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
+TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+           "all-linear": "all-linear"}
+INITS = ("default", "loftq")
+OPTIMIZERS = ("adamw", "lorafa")
+# The baseline every variant changes one thing of: r 16, alpha 16 (the QLoRA paper's alpha),
+# all linear layers, PEFT's default init, AdamW at the kit's fast CPU learning rate.
+BASELINE = {"r": 16, "lora_alpha": 16, "targets": "all-linear", "use_rslora": False,
+            "init": "default", "loftq_iter": 1, "optimizer": "adamw", "use_dora": False,
+            "lr": 3e-3, "lora_dropout": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants
+# ----------------------------------------------------------------------------------------------
+def make_variant(name: str, **changes) -> dict:
+    """The baseline with ``changes``, validated: ``make_variant("r64-rs", r=64, use_rslora=True)``.
+
+    Raises:
+        ValueError: an unknown setting or an invalid value (r <= 0, unknown targets/init/optimizer).
+    """
+    unknown = set(changes) - set(BASELINE)
+    if unknown:
+        raise ValueError(f"unknown variant setting(s) {sorted(unknown)}; known: {sorted(BASELINE)}")
+    v = {"name": name, **BASELINE, **changes}
+    if not isinstance(v["r"], int) or v["r"] <= 0:
+        raise ValueError(f"variant {name!r}: r must be a positive int, got {v['r']!r}")
+    for key, allowed in (("targets", tuple(TARGETS)), ("init", INITS), ("optimizer", OPTIMIZERS)):
+        if v[key] not in allowed:
+            raise ValueError(f"variant {name!r}: {key}={v[key]!r} is not one of {allowed}")
+    if v["lr"] <= 0 or v["lora_alpha"] <= 0:
+        raise ValueError(f"variant {name!r}: lr and lora_alpha must be > 0, got {v['lr']}, {v['lora_alpha']}")
+    return v
+
+
+def rank_variants(ranks=(4, 16, 64)) -> list[dict]:
+    """Each rank with LoRA's ``alpha / r`` and rsLoRA's ``alpha / sqrt(r)`` (alpha fixed)."""
+    return [make_variant(f"r{r}{'-rs' if rs else ''}", r=r, use_rslora=rs)
+            for r in ranks for rs in (False, True)]
+
+
+def method_variants() -> list[dict]:
+    """Targets, init, optimizer and DoRA, each changed alone from the baseline (r 16, all linear)."""
+    return [make_variant("qv", targets="qv"), make_variant("attention", targets="attention"),
+            make_variant("loftq", init="loftq"), make_variant("lorafa", optimizer="lorafa"),
+            make_variant("dora", use_dora=True)]
+
+
+def lora_config_for(variant: dict):
+    """The PEFT ``LoraConfig``: :func:`qlora_helpers.sft.lora_config` with targets, rsLoRA, DoRA."""
+    base = sft.lora_config(variant["r"], variant["lora_alpha"], variant["lora_dropout"])
+    return dataclasses.replace(base, target_modules=TARGETS[variant["targets"]],
+                               use_rslora=variant["use_rslora"], use_dora=variant["use_dora"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the same batches, in a seed-determined order, for every variant
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TaskData:
+    tok: object
+    train: object          # tokenized datasets.Dataset (input_ids, labels)
+    test_rows: list        # dicts with prompt / answer / messages
+    eval_batches: list     # padded batches of test rows, for the held-out loss
+    fp_model: object       # the full-precision base (LoftQ's W, the initial-error reference)
+
+
+def load_task(profile, n_test: int = 200, batch_size: int = 16) -> TaskData:
+    """Tokenizer, tokenized train split, ``n_test`` test rows and their batches, fp base model."""
+    from .runtime import load_model, load_task_dataset, load_tokenizer
+    tok, ds = load_tokenizer(profile), load_task_dataset(profile)
+    test = ds["test"].select(range(n_test))
+    eval_tok = sft_data.tokenize_dataset(test, tok)
+    collate = sft_data.padded_collator(tok, None)
+    eval_batches = [collate([eval_tok[j] for j in range(i, min(i + batch_size, n_test))])
+                    for i in range(0, n_test, batch_size)]
+    return TaskData(tok, sft_data.tokenize_dataset(ds["train"], tok), list(test), eval_batches,
+                    load_model(profile, quantized=False).eval())
+
+
+def train_batches(data: TaskData, steps: int, seed: int, batch_size: int = 16) -> list[dict]:
+    """``steps`` padded batches drawn without replacement (reshuffled each epoch) by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    n, order = len(data.train), []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=g).tolist()
+    collate = sft_data.padded_collator(data.tok, None)
+    return [collate([data.train[j] for j in order[i * batch_size:(i + 1) * batch_size]])
+            for i in range(steps)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, measurements
+# ----------------------------------------------------------------------------------------------
+def build_model(profile, variant: dict, data: TaskData, seed: int):
+    """A fresh NF4 base + the variant's adapter (LoftQ applied before any forward). Returns the
+    PEFT model and LoftQ's per-layer error report (empty for the default init)."""
+    from .loftq import apply_loftq
+    from .runtime import load_model
+    torch.manual_seed(seed)  # lora_A's random init
+    model = sft.prepare_qlora_model(load_model(profile), lora_config_for(variant),
+                                    gradient_checkpointing=False)
+    report = apply_loftq(model, data.fp_model, variant["loftq_iter"]) if variant["init"] == "loftq" else {}
+    return model, report
+
+
+def make_optimizer(model, variant: dict):
+    """AdamW over the trainable weights, or PEFT's LoRA-FA (A frozen, B's gradient projected)."""
+    if variant["optimizer"] == "lorafa":
+        from peft.optimizers import create_lorafa_optimizer
+        return create_lorafa_optimizer(model, r=variant["r"], lora_alpha=variant["lora_alpha"],
+                                       lr=variant["lr"])
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=variant["lr"],
+                             weight_decay=0.0)
+
+
+def state_bytes(model, optimizer) -> int:
+    """Bytes of trainable parameters + their gradients + optimizer state."""
+    from .memory import optimizer_bytes
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = sum(p.numel() * p.element_size() for p in trainable)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+    return params + grads + optimizer_bytes(optimizer)
+
+
+def loss_with_saved_bytes(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Forward pass that also counts the bytes autograd saves for backward (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):  # weights are held anyway, not activations
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch, use_cache=False).loss
+    return loss, sum(seen.values())
+
+
+@torch.no_grad()
+def heldout_loss(model, batches: list[dict]) -> float:
+    """Mean response-token loss over held-out batches (teacher forcing)."""
+    model.eval()
+    total = sum(model(**b, use_cache=False).loss.item() for b in batches) / len(batches)
+    model.train()
+    return total
+
+
+@torch.no_grad()
+def logit_error(model, reference, batch: dict) -> float:
+    """Mean |logits - reference logits| over a batch's real tokens: how far a model starts from W."""
+    model.eval()
+    mask = batch["attention_mask"].bool()
+    a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    b = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    model.train()
+    return (a - b).abs()[mask].mean().item()
+
+
+def warmup_lr(step: int, lr: float, warmup: int = 10) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant (sft's ``constant_with_warmup``)."""
+    return lr * min(1.0, (step + 1) / warmup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runner
+# ----------------------------------------------------------------------------------------------
+def train(model, optimizer, batches: list[dict], lr: float, max_grad_norm: float = 0.3) -> dict:
+    """Plain training loop; returns per-step losses, activation bytes (step 1) and seconds."""
+    model.train()
+    losses, act, t0 = [], 0, time.perf_counter()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for step, batch in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_lr(step, lr)
+        if step == 0:  # count saved activations once; the hook costs time on every tensor
+            loss, act = loss_with_saved_bytes(model, batch)
+        else:
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        sft.check_loss(loss.item(), step)
+        losses.append(loss.item())
+        if step + 1 < len(batches):
+            optimizer.zero_grad(set_to_none=True)
+    return {"losses": losses, "activation_bytes": act, "seconds": time.perf_counter() - t0}
+
+
+def run_variant(profile, variant: dict, steps: int, seed: int, data: TaskData | None = None) -> dict:
+    """Train one variant for ``steps`` steps from ``seed``; measure it.
+
+    Args:
+        profile: the runtime profile. variant: from :func:`make_variant`. steps: optimizer steps (> 0).
+        seed: adapter init and batch order. data: :func:`load_task` output (loaded if None).
+    Returns:
+        A flat dict: name, seed, settings, ``trainable``, ``init_loss``/``init_logit_err`` (before
+        training, vs the fp base), ``losses``, ``final_loss`` (mean of the last 10 steps),
+        ``eval_loss``, ``exact_match``, ``state_bytes``, ``activation_bytes``, ``seconds``, ``loftq``.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be > 0, got {steps}")
+    data = data or load_task(profile)
+    model, loftq_report = build_model(profile, variant, data, seed)
+    init_loss = heldout_loss(model, data.eval_batches)
+    init_err = logit_error(model, data.fp_model, data.eval_batches[0])
+    optimizer = make_optimizer(model, variant)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after LoRA-FA froze A
+    log = train(model, optimizer, train_batches(data, steps, seed), variant["lr"])
+    em, _ = exact_match(model, data.tok, data.test_rows)
+    return {**variant, "seed": seed, "steps": steps, "trainable": trainable, "init_loss": init_loss,
+            "init_logit_err": init_err, "losses": log["losses"],
+            "final_loss": statistics.fmean(log["losses"][-10:]), "eval_loss": heldout_loss(model, data.eval_batches),
+            "exact_match": em, "state_bytes": state_bytes(model, optimizer),
+            "activation_bytes": log["activation_bytes"], "seconds": log["seconds"],
+            "loftq": _loftq_summary(loftq_report)}
+
+
+def _loftq_summary(report: dict) -> dict:
+    """Errors summed over layers as root-sum-of-squares: ||W - Q|| over the whole model."""
+    if not report:
+        return {}
+    return {k: math.sqrt(sum(e[k] ** 2 for e in report.values())) for k in ("plain", "base", "loftq")}
+
+
+def run_grid(profile, variants: list[dict], steps: int, seeds=(0,), data: TaskData | None = None,
+             log=print) -> list[dict]:
+    """:func:`run_variant` for every variant and seed (the data loaded once); one row each."""
+    data = data or load_task(profile)
+    rows = []
+    for v in variants:
+        for seed in seeds:
+            rows.append(run_variant(profile, v, steps, seed, data))
+            r = rows[-1]
+            log(f"{v['name']:>10} seed {seed}: EM {r['exact_match']:.3f} eval loss {r['eval_loss']:.3f} "
+                f"({r['seconds']:.1f} s)")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries and figures
+# ----------------------------------------------------------------------------------------------
+def summarize(rows: list[dict], key: str) -> dict[str, tuple[float, float, int]]:
+    """Per variant name: (mean, sample std (0 for one seed), number of seeds) of ``rows[key]``."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["name"], []).append(float(r[key]))
+    return {n: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for n, v in by.items()}
+
+
+def results_table(rows: list[dict]) -> str:
+    """One line per variant: mean ± std over seeds of EM and losses, params, memory, time."""
+    cols = {k: summarize(rows, k) for k in ("exact_match", "final_loss", "eval_loss", "trainable",
+                                           "state_bytes", "activation_bytes", "seconds")}
+    lines = [f"{'variant':>10} {'seeds':>5} {'exact match':>13} {'train loss':>10} {'eval loss':>15} "
+             f"{'trainable':>9} {'state KiB':>9} {'activ. KiB':>10} {'s':>5}"]
+    for name in cols["exact_match"]:
+        em, fl, el = (cols[k][name] for k in ("exact_match", "final_loss", "eval_loss"))
+        lines.append(f"{name:>10} {em[2]:>5} {em[0]:>6.3f} ± {em[1]:.3f} {fl[0]:>10.3f} "
+                     f"{el[0]:>7.3f} ± {el[1]:.3f} {cols['trainable'][name][0]:>9,.0f} "
+                     f"{cols['state_bytes'][name][0] / 1024:>9.0f} "
+                     f"{cols['activation_bytes'][name][0] / 1024:>10.0f} {cols['seconds'][name][0]:>5.1f}")
+    return "\n".join(lines)
+
+
+def smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing moving average: ``smooth([1, 3, 5], 2)`` -> [1.0, 2.0, 4.0]."""
+    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def plot_rank(rows: list[dict], key: str = "eval_loss"):
+    """``key`` against r, LoRA's alpha/r versus rsLoRA's alpha/sqrt(r); mean ± std over seeds."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for rs, label in ((False, "alpha / r (LoRA)"), (True, "alpha / sqrt(r) (rsLoRA)")):
+        pts = sorted({r["r"]: r["name"] for r in rows if r["use_rslora"] == rs
+                      and r["name"].startswith("r")}.items())
+        stats = summarize(rows, key)
+        ax.errorbar([p[0] for p in pts], [stats[n][0] for _, n in pts],
+                    yerr=[stats[n][1] for _, n in pts], marker="o", capsize=3, label=label)
+    ax.set(xscale="log", xlabel="rank r", ylabel=key.replace("_", " "), title=f"{key.replace('_', ' ')} vs rank")
+    ax.set_xticks(sorted({r["r"] for r in rows}), labels=sorted({r["r"] for r in rows}))
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(rows: list[dict], names: list[str] | None = None, window: int = 10):
+    """Smoothed training-loss curves, one line per variant (seed 0 if several)."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    done = set()
+    for r in rows:
+        if r["name"] in done or (names and r["name"] not in names):
+            continue
+        done.add(r["name"])
+        ax.plot(range(1, len(r["losses"]) + 1), smooth(r["losses"], window), label=r["name"])
+    ax.set(xlabel="step", ylabel=f"training loss ({window}-step mean)", yscale="log", title="loss curves")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m qlora_helpers.ablations [--full]
+# ----------------------------------------------------------------------------------------------
+def grid(full: bool) -> dict:
+    """The reduced CI grid (r 4/64 both scalings, r 16, 40 steps, 100 test rows, 3 seeds for the main comparison) or the full one
+    (r 4..64, 300 steps, 3 seeds for every variant). Keys: variants, steps, seeds, main, main_seeds."""
+    if full:
+        variants = rank_variants((4, 8, 16, 32, 64)) + method_variants()
+    else:  # r16 (the baseline) without its rsLoRA twin, to fit CI's few minutes
+        variants = rank_variants((4, 64)) + [make_variant("r16")] + method_variants()
+    return {"variants": variants, "steps": 300 if full else 40, "seeds": (0, 1, 2) if full else (0,),
+            "main": ["r16", "qv"], "main_seeds": (0, 1, 2), "n_test": 200 if full else 100}
+
+
+def run_plan(profile, plan: dict, data: TaskData | None = None, log=print) -> list[dict]:
+    """Every variant on ``plan["seeds"]``, then the main comparison on its missing seeds."""
+    data = data or load_task(profile)
+    rows = run_grid(profile, plan["variants"], plan["steps"], plan["seeds"], data, log)
+    extra = [s for s in plan["main_seeds"] if s not in plan["seeds"]]
+    main = [v for v in plan["variants"] if v["name"] in plan["main"]]
+    return rows + run_grid(profile, main, plan["steps"], extra, data, log)
+
+
+def verdict(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> str:
+    """Is the difference of means between variants ``a`` and ``b`` larger than twice the larger
+    seed std? Says "not enough seeds" with fewer than 2 seeds each."""
+    st = summarize(rows, key)
+    (ma, sa, na), (mb, sb, nb) = st[a], st[b]
+    if min(na, nb) < 2:
+        return f"{a} vs {b}: {key} {ma:.3f} vs {mb:.3f}, not enough seeds to judge"
+    real = abs(ma - mb) > 2 * max(sa, sb)
+    return (f"{a} vs {b}: {key} {ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} over {min(na, nb)} seeds: "
+            f"{'difference larger than 2 std' if real else 'within seed noise'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Exercise checkers (notebook 06, "Exercises")
+# ----------------------------------------------------------------------------------------------
+def _attempted(answer, exercise: str) -> bool:
+    if answer is None or answer is Ellipsis:
+        print(f"{exercise}: not attempted yet; replace the placeholder and run the cell again.")
+        return False
+    return True
+
+
+def check_param_count(config, answer) -> bool:
+    """Exercise 1: trainable LoRA parameters at r = 32 on the four attention projections."""
+    if not _attempted(answer, "Exercise 1"):
+        return False
+    from .lora import llama_lora_param_count
+    want = llama_lora_param_count(config, 32, TARGETS["attention"])
+    assert int(answer) == want, (f"got {answer}; per layer and projection r * (in + out), summed over "
+                                 f"q, k, v, o (k and v are narrower: grouped-query attention), times layers")
+    print(f"Exercise 1: correct, {want:,} parameters.")
+    return True
+
+
+def check_rslora_scale(answer) -> bool:
+    """Exercise 2: the r at which rsLoRA's alpha/sqrt(r) is 4x LoRA's alpha/r (any alpha)."""
+    if not _attempted(answer, "Exercise 2"):
+        return False
+    assert int(answer) == 16, f"got {answer}; solve (alpha / sqrt(r)) / (alpha / r) = sqrt(r) = 4"
+    print("Exercise 2: correct, r = 16: the gap grows as sqrt(r).")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+    from .figures import save_figure
+    from .runtime import get_profile
+    ap = argparse.ArgumentParser(description="LoRA/QLoRA ablation grid on the kit's task")
+    ap.add_argument("--full", action="store_true", help="r 4..64, 300 steps, 3 seeds (long)")
+    ap.add_argument("--out", default="build/ablations.json")
+    args = ap.parse_args(argv)
+    profile = get_profile()
+    plan = grid(args.full)
+    rows = run_plan(profile, plan, load_task(profile, plan["n_test"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(results_table(rows))
+    save_figure(plot_rank(rows), "06_full_rank" if args.full else "06_rank")
+    save_figure(plot_curves(rows), "06_full_curves" if args.full else "06_curves")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""The ablation runner: variants validated, parameter counts by formula, a short real run."""
+import math
+
+import pytest
+import torch
+
+from qlora_helpers import ablations as ab
+from qlora_helpers.lora import llama_lora_param_count
+
+
+@pytest.fixture(scope="module")
+def data(offline_profile):
+    return ab.load_task(offline_profile, n_test=32)  # small for test speed
+
+
+@pytest.mark.parametrize("changes,msg", [({"r": 0}, "r must be"), ({"targets": "mlp"}, "targets"),
+                                         ({"init": "pissa"}, "init"), ({"optimizer": "sgd"}, "optimizer"),
+                                         ({"rank": 8}, "unknown variant setting")])
+def test_bad_variants_raise(changes, msg):
+    with pytest.raises(ValueError, match=msg):
+        ab.make_variant("bad", **changes)
+
+
+@pytest.mark.parametrize("targets,names", [("qv", ["q_proj", "v_proj"]),
+                                           ("attention", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                                           ("all-linear", "all-linear")])
+def test_trainable_parameters_match_formula(offline_profile, data, targets, names):
+    v = ab.make_variant(targets, targets=targets, r=8)
+    model, _ = ab.build_model(offline_profile, v, data, seed=0)
+    got = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert got == llama_lora_param_count(data.fp_model.config, 8, names)
+
+
+def test_rslora_dora_lorafa_settings_reach_peft(offline_profile, data):
+    rs, _ = ab.build_model(offline_profile, ab.make_variant("rs", r=64, use_rslora=True), data, 0)
+    layer = rs.base_model.model.model.layers[0].mlp.up_proj
+    assert layer.scaling["default"] == pytest.approx(16 / math.sqrt(64))  # not 16 / 64
+    v = ab.make_variant("dora", use_dora=True)
+    dora, _ = ab.build_model(offline_profile, v, data, 0)
+    base = llama_lora_param_count(data.fp_model.config, 16)
+    outs = sum(m.out_features for n, m in data.fp_model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    assert sum(p.numel() for p in dora.parameters() if p.requires_grad) == base + outs  # + magnitudes
+    fa = ab.make_variant("fa", optimizer="lorafa")
+    model, _ = ab.build_model(offline_profile, fa, data, 0)
+    ab.make_optimizer(model, fa)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_short_run_trains_and_lorafa_keeps_a_fixed(offline_profile, data):
+    base = ab.run_variant(offline_profile, ab.make_variant("base"), steps=6, seed=0, data=data)
+    fa = ab.run_variant(offline_profile, ab.make_variant("fa", optimizer="lorafa"), 6, 0, data)
+    assert len(base["losses"]) == 6 and all(math.isfinite(x) for x in base["losses"])
+    assert base["eval_loss"] < base["init_loss"]  # 6 steps at lr 3e-3 move the held-out loss
+    assert 0.0 <= base["exact_match"] <= 1.0
+    assert fa["trainable"] < base["trainable"] and fa["state_bytes"] < base["state_bytes"]
+    assert fa["activation_bytes"] < base["activation_bytes"]  # A frozen: its input is not saved
+
+
+def test_same_seed_same_batches(data):
+    a, b = ab.train_batches(data, 3, seed=1), ab.train_batches(data, 3, seed=1)
+    c = ab.train_batches(data, 3, seed=2)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
+
+
+def test_summaries():
+    assert ab.smooth([1, 3, 5], 2) == [1.0, 2.0, 4.0]
+    rows = [{"name": "x", "v": 1.0}, {"name": "x", "v": 3.0}, {"name": "y", "v": 2.0}]
+    assert ab.summarize(rows, "v") == {"x": (2.0, math.sqrt(2.0), 2), "y": (2.0, 0.0, 1)}
+    with pytest.raises(ValueError, match="steps must be > 0"):
+        ab.run_variant(None, ab.make_variant("x"), 0, 0)
