@@ -393,11 +393,7 @@ def verdict(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> str:
 # ----------------------------------------------------------------------------------------------
 # Exercise checkers (notebook 06, "Exercises")
 # ----------------------------------------------------------------------------------------------
-def _attempted(answer, exercise: str) -> bool:
-    if answer is None or answer is Ellipsis:
-        print(f"{exercise}: not attempted yet; replace the placeholder and run the cell again.")
-        return False
-    return True
+from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
 
 
 def check_param_count(config, answer) -> bool:

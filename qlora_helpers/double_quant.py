@@ -272,11 +272,7 @@ def measured_bytes(packed: torch.Tensor, quant_state) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # 5. Exercise checkers (notebook 03, "Exercises")
 # ---------------------------------------------------------------------------------------------
-def _attempted(answer, exercise: str) -> bool:
-    if answer is None or answer is Ellipsis:
-        print(f"{exercise}: not attempted yet; replace the placeholder and run the cell again.")
-        return False
-    return True
+from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
 
 
 def check_bits_per_param_dq(blocksize: int, answer) -> bool:

@@ -409,11 +409,7 @@ def one_step_update_norm(r: int, use_rslora: bool, in_features: int = 512, out_f
 #    hint and returns False while the answer is still a placeholder (None, or a function that
 #    returns None), and raises AssertionError, saying what is off, when it is wrong.
 # ---------------------------------------------------------------------------------------------
-def _attempted(answer, exercise: str) -> bool:
-    if answer is None or answer is Ellipsis:
-        print(f"{exercise}: not attempted yet; replace the placeholder and run the cell again.")
-        return False
-    return True
+from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
 
 
 def check_exercise_1(answer) -> bool:

@@ -386,11 +386,7 @@ def code_entropy(codes: torch.Tensor, n_codes: int = 16) -> float:
 # ---------------------------------------------------------------------------------------------
 # 6. Exercise checkers (notebook 02, "Exercises")
 # ---------------------------------------------------------------------------------------------
-def _attempted(answer, exercise: str) -> bool:
-    if answer is None or answer is Ellipsis:
-        print(f"{exercise}: not attempted yet; replace the placeholder and run the cell again.")
-        return False
-    return True
+from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
 
 
 def check_nf4_level_count(levels) -> bool:
