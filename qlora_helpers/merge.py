@@ -97,6 +97,11 @@ def train_adapter(model, tok, rows, steps: int, lr: float = TRAIN_RECIPE["lr"],
     return losses
 
 
+# Notebook 04 saves the adapter it trained under this name; notebook 05 merges it (and trains a
+# stand-in with :func:`train_adapter` only when 05 runs before 04 has).
+NB04_ADAPTER = "date-r16-all-linear-04"
+
+
 def task_adapter(profile, steps: int = 300, name: str | None = None, retrain: bool = False):
     """The date-task adapter (LoRA r=16 on all linear layers) on the profile's 4-bit base.
 
