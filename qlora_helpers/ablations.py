@@ -23,18 +23,21 @@ Production code used and checked against: PEFT 0.21.2 (``LoraConfig(use_rslora=.
 ``peft.optimizers.create_lorafa_optimizer``), the kit's training building blocks
 (:func:`qlora_helpers.sft.lora_config`, :func:`~qlora_helpers.sft.prepare_qlora_model`,
 :func:`qlora_helpers.sft_data.tokenize_dataset`, :func:`~qlora_helpers.sft_data.padded_collator`),
-and :func:`qlora_helpers.evaluation.exact_match`. The loop is plain PyTorch (AdamW, linear warm-up
-then constant learning rate, max grad norm 0.3 as in :func:`qlora_helpers.sft.training_arguments`)
-because LoRA-FA needs its own optimizer object and the memory probe needs the backward pass.
+and :func:`qlora_helpers.evaluation.exact_match`. The loop is :func:`qlora_helpers.sft.train_loop`,
+plain PyTorch (linear warm-up then constant learning rate, max grad norm 0.3 as in
+:func:`qlora_helpers.sft.training_arguments`), because LoRA-FA needs its own optimizer object and
+the memory probe needs the forward pass.
 
 Memory on the CPU is counted, not sampled: ``state_bytes`` = bytes of trainable parameters +
 their gradients + optimizer state (exact, from the tensors); ``activation_bytes`` = bytes of the
-tensors autograd saves for backward in one training step (``torch.autograd.graph.
-saved_tensors_hooks``, each storage counted once, gradient checkpointing off so that what each
+tensors autograd saves for backward in one training step (:class:`qlora_helpers.memory.
+saved_tensor_bytes`, each storage counted once, gradient checkpointing off so that what each
 layer keeps is visible). The frozen 4-bit base is the same for all variants and is not counted.
 
-Run the full grid: ``python -m qlora_helpers.ablations --full`` (writes build/ablations.json and
-figures/06_*.png); the notebook runs a reduced grid unless ``QLORA_KIT_FULL_GRID=1``.
+Run the full grid: ``python -m qlora_helpers.ablations --full`` (writes build/ablations_full.json
+and figures/06_full_*.png; ``--only`` runs a shard, ``--combine`` joins shards). The kit commits
+one full-grid result, :data:`FULL_RESULTS`, which notebook 06 reads; the notebook itself trains a
+reduced grid unless ``QLORA_KIT_FULL_GRID=1``.
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -51,9 +54,12 @@ from . import sft, sft_data
 from .evaluation import exact_match
 
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
+# The full grid as the kit measured it (``--full``, two shards ``--combine``d); notebook 06 reads it.
+FULL_RESULTS = Path(__file__).parent / "results" / "ablations_full.json"
 TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "all-linear": "all-linear"}
 INITS = ("default", "loftq")
+CURVES = ["r4", "r16", "r64", "r64-rs", "qv", "lorafa", "dora"]  # the full grid's loss-curve figure
 OPTIMIZERS = ("adamw", "lorafa")
 # The baseline every variant changes one thing of: r 16, alpha 16 (the QLoRA paper's alpha),
 # all linear layers, PEFT's default init, AdamW at the kit's fast CPU learning rate.
@@ -131,14 +137,8 @@ def load_task(profile, n_test: int = 200, batch_size: int = 16) -> TaskData:
 
 
 def train_batches(data: TaskData, steps: int, seed: int, batch_size: int = 16) -> list[dict]:
-    """``steps`` padded batches drawn without replacement (reshuffled each epoch) by ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    n, order = len(data.train), []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(n, generator=g).tolist()
-    collate = sft_data.padded_collator(data.tok, None)
-    return [collate([data.train[j] for j in order[i * batch_size:(i + 1) * batch_size]])
-            for i in range(steps)]
+    """The seed's batches of the task (:func:`qlora_helpers.sft_data.shuffled_batches`)."""
+    return sft_data.shuffled_batches(data.train, data.tok, steps, seed, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,21 +175,6 @@ def state_bytes(model, optimizer) -> int:
     return params + grads + optimizer_bytes(optimizer)
 
 
-def loss_with_saved_bytes(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Forward pass that also counts the bytes autograd saves for backward (each storage once)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):  # weights are held anyway, not activations
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch, use_cache=False).loss
-    return loss, sum(seen.values())
-
-
 @torch.no_grad()
 def heldout_loss(model, batches: list[dict]) -> float:
     """Mean response-token loss over held-out batches (teacher forcing)."""
@@ -210,36 +195,9 @@ def logit_error(model, reference, batch: dict) -> float:
     return (a - b).abs()[mask].mean().item()
 
 
-def warmup_lr(step: int, lr: float, warmup: int = 10) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant (sft's ``constant_with_warmup``)."""
-    return lr * min(1.0, (step + 1) / warmup)
-
-
 # ----------------------------------------------------------------------------------------------
 # Runner
 # ----------------------------------------------------------------------------------------------
-def train(model, optimizer, batches: list[dict], lr: float, max_grad_norm: float = 0.3) -> dict:
-    """Plain training loop; returns per-step losses, activation bytes (step 1) and seconds."""
-    model.train()
-    losses, act, t0 = [], 0, time.perf_counter()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for step, batch in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(step, lr)
-        if step == 0:  # count saved activations once; the hook costs time on every tensor
-            loss, act = loss_with_saved_bytes(model, batch)
-        else:
-            loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        sft.check_loss(loss.item(), step)
-        losses.append(loss.item())
-        if step + 1 < len(batches):
-            optimizer.zero_grad(set_to_none=True)
-    return {"losses": losses, "activation_bytes": act, "seconds": time.perf_counter() - t0}
-
-
 def run_variant(profile, variant: dict, steps: int, seed: int, data: TaskData | None = None) -> dict:
     """Train one variant for ``steps`` steps from ``seed``; measure it.
 
@@ -249,7 +207,8 @@ def run_variant(profile, variant: dict, steps: int, seed: int, data: TaskData | 
     Returns:
         A flat dict: name, seed, settings, ``trainable``, ``init_loss``/``init_logit_err`` (before
         training, vs the fp base), ``losses``, ``final_loss`` (mean of the last 10 steps),
-        ``eval_loss``, ``exact_match``, ``state_bytes``, ``activation_bytes``, ``seconds``, ``loftq``.
+        ``eval_loss``, ``exact_match``, ``state_bytes``, ``activation_bytes``, ``seconds``, ``loftq``,
+        ``peak_gpu_bytes`` (``torch.cuda.max_memory_allocated`` during training; None on the CPU).
     """
     if steps <= 0:
         raise ValueError(f"steps must be > 0, got {steps}")
@@ -259,13 +218,17 @@ def run_variant(profile, variant: dict, steps: int, seed: int, data: TaskData | 
     init_err = logit_error(model, data.fp_model, data.eval_batches[0])
     optimizer = make_optimizer(model, variant)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after LoRA-FA froze A
-    log = train(model, optimizer, train_batches(data, steps, seed), variant["lr"])
+    if torch.cuda.is_available():  # on a GPU, also the allocator's peak (base and all) while training
+        torch.cuda.reset_peak_memory_stats()
+    log = sft.train_loop(model, optimizer, train_batches(data, steps, seed), variant["lr"],
+                         count_activations=True)
     em, _ = exact_match(model, data.tok, data.test_rows)
     return {**variant, "seed": seed, "steps": steps, "trainable": trainable, "init_loss": init_loss,
             "init_logit_err": init_err, "losses": log["losses"],
             "final_loss": statistics.fmean(log["losses"][-10:]), "eval_loss": heldout_loss(model, data.eval_batches),
             "exact_match": em, "state_bytes": state_bytes(model, optimizer),
             "activation_bytes": log["activation_bytes"], "seconds": log["seconds"],
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "loftq": _loftq_summary(loftq_report)}
 
 
@@ -303,17 +266,20 @@ def summarize(rows: list[dict], key: str) -> dict[str, tuple[float, float, int]]
 
 
 def results_table(rows: list[dict]) -> str:
-    """One line per variant: mean ± std over seeds of EM and losses, params, memory, time."""
-    cols = {k: summarize(rows, k) for k in ("exact_match", "final_loss", "eval_loss", "trainable",
-                                           "state_bytes", "activation_bytes", "seconds")}
+    """One line per variant: mean ± std over seeds of EM and losses, params, memory, time (and the
+    GPU allocator's peak when the rows were trained on a GPU)."""
+    gpu = any(r.get("peak_gpu_bytes") for r in rows)
+    keys = ["exact_match", "final_loss", "eval_loss", "trainable", "state_bytes", "activation_bytes", "seconds"]
+    cols = {k: summarize(rows, k) for k in keys + (["peak_gpu_bytes"] if gpu else [])}
     lines = [f"{'variant':>10} {'seeds':>5} {'exact match':>13} {'train loss':>10} {'eval loss':>15} "
-             f"{'trainable':>9} {'state KiB':>9} {'activ. KiB':>10} {'s':>5}"]
+             f"{'trainable':>9} {'state KiB':>9} {'activ. KiB':>10} {'s':>5}" + (f" {'GPU MiB':>8}" if gpu else "")]
     for name in cols["exact_match"]:
         em, fl, el = (cols[k][name] for k in ("exact_match", "final_loss", "eval_loss"))
         lines.append(f"{name:>10} {em[2]:>5} {em[0]:>6.3f} ± {em[1]:.3f} {fl[0]:>10.3f} "
                      f"{el[0]:>7.3f} ± {el[1]:.3f} {cols['trainable'][name][0]:>9,.0f} "
                      f"{cols['state_bytes'][name][0] / 1024:>9.0f} "
-                     f"{cols['activation_bytes'][name][0] / 1024:>10.0f} {cols['seconds'][name][0]:>5.1f}")
+                     f"{cols['activation_bytes'][name][0] / 1024:>10.0f} {cols['seconds'][name][0]:>5.1f}"
+                     + (f" {cols['peak_gpu_bytes'][name][0] / 2**20:>8.0f}" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -334,6 +300,7 @@ def plot_rank(rows: list[dict], key: str = "eval_loss"):
                     yerr=[stats[n][1] for _, n in pts], marker="o", capsize=3, label=label)
     ax.set(xscale="log", xlabel="rank r", ylabel=key.replace("_", " "), title=f"{key.replace('_', ' ')} vs rank")
     ax.set_xticks(sorted({r["r"] for r in rows}), labels=sorted({r["r"] for r in rows}))
+    ax.minorticks_off()  # log-axis minor labels (6x10^0 ...) would overprint the ranks
     ax.legend()
     fig.tight_layout()
     return fig
@@ -351,6 +318,28 @@ def plot_curves(rows: list[dict], names: list[str] | None = None, window: int = 
         ax.plot(range(1, len(r["losses"]) + 1), smooth(r["losses"], window), label=r["name"])
     ax.set(xlabel="step", ylabel=f"training loss ({window}-step mean)", yscale="log", title="loss curves")
     ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_spread(rows: list[dict], key: str = "exact_match", reference: str = "r16"):
+    """Every seed as a dot, the mean as a bar, one row per variant: is a gap bigger than the spread?
+    The ``reference`` variant's mean ± 2 std is shaded."""
+    import matplotlib.pyplot as plt
+    stats = summarize(rows, key)
+    names = list(stats)
+    fig, ax = plt.subplots(figsize=(6, 0.32 * len(names) + 1.2))
+    if reference in stats:
+        m, s, _ = stats[reference]
+        ax.axvspan(m - 2 * s, m + 2 * s, color="C0", alpha=0.15, label=f"{reference} mean ± 2 std")
+    for i, n in enumerate(names):
+        vals = [float(r[key]) for r in rows if r["name"] == n]
+        ax.plot(vals, [i] * len(vals), "o", color="C1", alpha=0.7, ms=4)
+        ax.plot([stats[n][0]] * 2, [i - 0.3, i + 0.3], color="k", lw=2)
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.invert_yaxis()
+    ax.set(xlabel=key.replace("_", " "), title=f"{key.replace('_', ' ')}: each seed (dots), mean (bar)")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 
@@ -417,23 +406,96 @@ def check_rslora_scale(answer) -> bool:
     return True
 
 
+def save_results(rows: list[dict], path, plan: dict | None = None, meta: dict | None = None) -> Path:
+    """Write grid rows as JSON ``{"meta": ..., "rows": [...]}``; losses rounded to 5 digits.
+
+    ``meta`` records what the numbers depend on: steps, seeds, test rows, package versions, the
+    number of torch threads, the date and how many grid processes ran at once (their wall times
+    share the machine), so a committed result says how it was made. Pass the
+    ``meta`` of :func:`load_results` to keep the shards' own record when joining them."""
+    import datetime
+    import platform
+    import bitsandbytes
+    import peft
+    import transformers
+    meta = meta or {
+        "steps": sorted({r["steps"] for r in rows}), "seeds": sorted({r["seed"] for r in rows}),
+        "n_test": (plan or {}).get("n_test"), "torch": torch.__version__, "peft": peft.__version__,
+        "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "date": datetime.date.today().isoformat(), "processes": 1}
+    slim = [{**r, "losses": [round(x, 5) for x in r["losses"]]} for r in rows]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": slim}, separators=(",", ":")) + "\n")
+    return path
+
+
+def load_results(*paths) -> tuple[dict, list[dict]]:
+    """Rows of one or more :func:`save_results` files (shards of one grid), and the first meta.
+
+    Raises:
+        FileNotFoundError: a path does not exist (names the command that writes it).
+        ValueError: the shards ran with different steps or test rows, or repeat a (variant, seed) pair.
+    Returns:
+        ``(meta, rows)``: the first file's meta with ``processes`` = the shards' sum and ``seeds``
+        over all of them, and every row.
+    """
+    metas, rows = [], []
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p} does not exist; write it with "
+                                    f"`python -m qlora_helpers.ablations --full --out {p}`")
+        d = json.loads(Path(p).read_text())
+        metas.append(d["meta"])
+        rows += d["rows"]
+    if len({tuple(m["steps"]) for m in metas}) > 1 or len({m["n_test"] for m in metas}) > 1:
+        raise ValueError(f"the files ran with different steps or test rows: "
+                         f"{[(m['steps'], m['n_test']) for m in metas]}")
+    keys = [(r["name"], r["seed"]) for r in rows]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"(variant, seed) pairs repeated across the files: {dup[:4]}")
+    meta = {**metas[0], "seeds": sorted({r["seed"] for r in rows}),
+             "processes": sum(m.get("processes", 1) for m in metas)}
+    return meta, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    from pathlib import Path
     from .figures import save_figure
     from .runtime import get_profile
     ap = argparse.ArgumentParser(description="LoRA/QLoRA ablation grid on the kit's task")
     ap.add_argument("--full", action="store_true", help="r 4..64, 300 steps, 3 seeds (long)")
-    ap.add_argument("--out", default="build/ablations.json")
+    ap.add_argument("--only", default="", help="comma-separated variant names: run a shard of the grid")
+    ap.add_argument("--out", default=None, help="JSON to write (default build/ablations_{full,reduced}.json)")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="train nothing: join these result files, print the table, draw the figures")
     args = ap.parse_args(argv)
-    profile = get_profile()
-    plan = grid(args.full)
-    rows = run_plan(profile, plan, load_task(profile, plan["n_test"]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.combine:
+        meta, rows = load_results(*args.combine)
+        if args.out:
+            save_results(rows, args.out, meta=meta)
+    else:
+        profile = get_profile()
+        plan = grid(args.full)
+        if args.only:
+            names = args.only.split(",")
+            unknown = set(names) - {v["name"] for v in plan["variants"]}
+            if unknown:
+                raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; "
+                                 f"the grid has {[v['name'] for v in plan['variants']]}")
+            plan["variants"] = [v for v in plan["variants"] if v["name"] in names]
+        rows = run_plan(profile, plan, load_task(profile, plan["n_test"]))
+        out = args.out or f"build/ablations_{'full' if args.full else 'reduced'}.json"
+        print("wrote", save_results(rows, out, plan))
     print(results_table(rows))
-    save_figure(plot_rank(rows), "06_full_rank" if args.full else "06_rank")
-    save_figure(plot_curves(rows), "06_full_curves" if args.full else "06_curves")
+    full = max(r["steps"] for r in rows) >= grid(True)["steps"]
+    if any(r["name"].startswith("r") and r["use_rslora"] for r in rows):
+        save_figure(plot_rank(rows, "exact_match" if full else "eval_loss"), "06_full_rank" if full else "06_rank")
+    save_figure(plot_curves(rows, CURVES if full else None), "06_full_curves" if full else "06_curves")
+    if full:
+        save_figure(plot_spread(rows, "exact_match"), "06_full_spread")
     return 0
 
 

@@ -46,3 +46,17 @@ def exact_match(model, tok, rows, max_new_tokens: int = 16) -> tuple[float, list
     answers = generate_answers(model, tok, [r["prompt"] for r in rows], max_new_tokens)
     hits = sum(a == r["answer"] for a, r in zip(answers, rows))
     return hits / len(rows), answers
+
+
+@torch.no_grad()
+def logits_and_mask(model, tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits (batch, seq, vocab) of right-padded ``texts`` (cache off) and their attention
+    mask (batch, seq): what two models are compared on. Leaves the model in eval mode."""
+    model.eval()
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = side
+    out = model(**enc.to(model.device), use_cache=False).logits.float().cpu()
+    return out, enc["attention_mask"].bool().cpu()

@@ -344,17 +344,20 @@ def copy_lora_to_peft(state: dict[str, tuple[torch.Tensor, torch.Tensor]], peft_
 # 4. Training in plain PyTorch
 # ---------------------------------------------------------------------------------------------
 def chat_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Tokenize chat rows (``{"messages": [...]}``) with the chat template, right-padded.
+    """Chat rows (``{"messages": [...]}``) as one right-padded batch, trained on every token.
+
+    The rows are tokenized with :func:`qlora_helpers.sft_data.tokenize_chat` (the chat template,
+    up to the assistant's EOS) and padded with :func:`~qlora_helpers.sft_data.padded_collator`;
+    unlike SFT in notebook 04, the labels keep the prompt tokens too: this loop teaches LoRA, not
+    loss masking.
 
     Returns:
         ``input_ids`` and ``attention_mask`` (batch, seq), and ``labels`` = input_ids with
         padding set to -100 (ignored by the loss).
     """
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)  # (batch, seq)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": labels}
+    from .sft_data import padded_collator, tokenize_chat
+    ids = [tokenize_chat(r, tokenizer)["input_ids"] for r in rows]
+    return padded_collator(tokenizer, None)([{"input_ids": x, "labels": x} for x in ids])
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

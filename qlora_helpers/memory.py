@@ -400,6 +400,43 @@ def optimizer_bytes(optimizer) -> int:
                          if isinstance(v, torch.Tensor))
 
 
+class saved_tensor_bytes:
+    """Context manager: bytes of the tensors autograd saves for backward inside it (activations).
+
+    ``torch.autograd.graph.saved_tensors_hooks`` sees every saved tensor; each storage is counted
+    once (views share it) and parameters are skipped (they are held anyway). Read ``.total``
+    after the block::
+
+        with saved_tensor_bytes() as saved:
+            loss = model(**batch).loss
+        saved.total  # bytes kept until loss.backward()
+    """
+
+    def __init__(self):
+        import torch
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        import torch
+        if not isinstance(t, torch.nn.Parameter):
+            s = t.untyped_storage()
+            self._seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Command line: python -m qlora_helpers.memory CONFIG --gpu t4
 # ---------------------------------------------------------------------------------------------

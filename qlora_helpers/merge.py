@@ -48,6 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
+
 ADAPTER_NAME = "date-r16-all-linear"  # the kit's task adapter, saved under $QLORA_KIT_CACHE/adapters
 TRAIN_RECIPE = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lr": 3e-3, "batch_size": 16}
 
@@ -67,32 +69,22 @@ def adapter_dir(name: str = ADAPTER_NAME) -> Path:
 
 def train_adapter(model, tok, rows, steps: int, lr: float = TRAIN_RECIPE["lr"],
                   batch_size: int = TRAIN_RECIPE["batch_size"], seed: int = 0) -> list[float]:
-    """A plain PyTorch loop over chat rows: AdamW on the trainable (LoRA) weights only.
+    """AdamW on the trainable (LoRA) weights over chat rows, with the kit's plain loop
+    (:func:`qlora_helpers.sft.train_loop`: 10 warm-up steps, then constant ``lr``, grad norm 0.3).
 
     Args:
         model: a ``PeftModel`` (only its LoRA weights require grad). tok: its tokenizer.
         rows: a ``datasets.Dataset`` with ``messages``. steps: optimizer steps.
-        lr, batch_size, seed: the recipe (constant learning rate, grad norm clipped to 0.3).
+        lr, batch_size, seed: the recipe; ``seed`` fixes the batch order.
     Returns:
-        The loss of every step.
+        The loss of every step. The model is left in eval mode.
     """
-    from .sft_data import padded_collator, tokenize_dataset
-    data = tokenize_dataset(rows, tok)
-    collate = padded_collator(tok, max_length=None)  # pad to the longest row of each batch
-    g = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(len(data), (batch_size,), generator=g).tolist()
-        batch = {k: v.to(model.device) for k, v in collate([data[i] for i in idx]).items()}
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    from .sft import train_loop
+    from .sft_data import shuffled_batches, tokenize_dataset
+    batches = shuffled_batches(tokenize_dataset(rows, tok), tok, steps, seed, batch_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses = train_loop(model, opt, batches, lr)["losses"]
+    opt.zero_grad(set_to_none=True)
     model.eval()
     return losses
 
@@ -380,17 +372,6 @@ def merge_into_4bit(model):
 def conversation_texts(tok, rows) -> list[str]:
     """Each row's full conversation (prompt and answer) in the chat template: the logits to compare."""
     return [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-
-
-@torch.no_grad()
-def logits_and_mask(model, tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits (batch, seq, vocab) of right-padded ``texts`` and their attention mask (batch, seq)."""
-    model.eval()
-    side, tok.padding_side = tok.padding_side, "right"
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    tok.padding_side = side
-    out = model(**enc.to(model.device), use_cache=False).logits.float().cpu()
-    return out, enc["attention_mask"].bool().cpu()
 
 
 def logit_gap(ref: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

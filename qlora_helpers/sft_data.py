@@ -99,6 +99,27 @@ def padded_collator(tok, max_length: int | None = 128):
                                   label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
+def shuffled_batches(train, tok, steps: int, seed: int, batch_size: int = 16) -> list[dict]:
+    """``steps`` batches of a tokenized dataset, padded to their longest row, drawn without
+    replacement in an order fixed by ``seed`` (reshuffled each epoch): every run given the same
+    seed sees the same batches in the same order, whatever it trains.
+
+    Raises:
+        ValueError: ``steps`` or ``batch_size`` < 1, or fewer rows than one batch.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    n = len(train)
+    if n < batch_size:
+        raise ValueError(f"the dataset has {n} rows, fewer than batch_size={batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n, generator=g).tolist()
+    collate = padded_collator(tok, None)
+    return [collate([train[j] for j in order[i * batch_size:(i + 1) * batch_size]]) for i in range(steps)]
+
+
 def packed_collator():
     """Padding-free packing: one row per batch, ``position_ids`` restarting at 0 per example."""
     from transformers import DataCollatorWithFlattening

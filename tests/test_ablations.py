@@ -70,3 +70,30 @@ def test_summaries():
     assert ab.summarize(rows, "v") == {"x": (2.0, math.sqrt(2.0), 2), "y": (2.0, 0.0, 1)}
     with pytest.raises(ValueError, match="steps must be > 0"):
         ab.run_variant(None, ab.make_variant("x"), 0, 0)
+
+
+def test_results_round_trip_and_bad_shards(tmp_path):
+    row = {**ab.make_variant("r16"), "seed": 0, "steps": 5, "losses": [1.234567891, 1.0]}
+    a = ab.save_results([row], tmp_path / "a.json")
+    meta, rows = ab.load_results(a)
+    assert meta["steps"] == [5] and rows[0]["losses"] == [1.23457, 1.0]
+    with pytest.raises(ValueError, match=r"repeated across the files: \[\('r16', 0\)\]"):
+        ab.load_results(a, a)
+    b = ab.save_results([{**row, "steps": 6, "seed": 1}], tmp_path / "b.json")
+    with pytest.raises(ValueError, match="different steps or test rows"):
+        ab.load_results(a, b)
+    with pytest.raises(FileNotFoundError, match="--full --out"):
+        ab.load_results(tmp_path / "missing.json")
+
+
+def test_committed_full_grid_is_what_this_code_trains(offline_profile, data):
+    # Retrain the committed baseline's first steps: the same batches, init and loop must give the
+    # same losses, or the committed table describes code that no longer exists.
+    meta, rows = ab.load_results(ab.FULL_RESULTS)
+    assert {r["name"] for r in rows} == {v["name"] for v in ab.grid(True)["variants"]}
+    assert all(len({r["seed"] for r in rows if r["name"] == n}) == 3 for n in {r["name"] for r in rows})
+    committed = next(r for r in rows if r["name"] == "r16" and r["seed"] == 0)
+    model, _ = ab.build_model(offline_profile, ab.make_variant("r16"), data, seed=0)
+    from qlora_helpers.sft import train_loop
+    log = train_loop(model, ab.make_optimizer(model, committed), ab.train_batches(data, 12, 0), committed["lr"])
+    assert log["losses"] == pytest.approx(committed["losses"][:12], abs=2e-3)

@@ -84,3 +84,14 @@ def test_prediction_equals_measurement(offline_profile):
         opt.step()
         opt.zero_grad()
         assert M.optimizer_bytes(opt) == M.optimizer_state_bytes(shapes, name), name
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b"])
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["gate_proj", "down_proj"]])
+def test_lora_shapes_agree_with_the_formula(name, targets):
+    # Two independent counts: the meta-device model's real layers here, notebook 01's formula there.
+    from qlora_helpers.lora import llama_lora_param_count
+    from transformers import LlamaConfig
+    d = M.KNOWN_CONFIGS[name]
+    cfg = LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    assert sum(a * b for a, b in M.lora_shapes(name, 16, targets)) == llama_lora_param_count(cfg, 16, targets)

@@ -202,3 +202,17 @@ def test_adapter_of_another_shape_is_refused(offline_profile, tmp_path):
         M.load_adapter(fp, tmp_path / "a")
     with pytest.raises(M.AdapterMismatchError, match="no adapter_config.json"):
         M.check_adapter_matches(fp, tmp_path)
+
+
+def test_train_adapter_trains_only_lora(offline_profile, tok):
+    # merge.train_adapter is what notebook 05 trains when 04's adapter is missing: the shared loop
+    # (sft.train_loop) on the 4-bit base must lower the loss and leave the base bytes alone.
+    from peft import get_peft_model
+    from qlora_helpers.runtime import load_model, load_task_dataset
+    from qlora_helpers.sft import base_fingerprint, lora_config
+    torch.manual_seed(0)
+    model = get_peft_model(M.keep_standard_layout(load_model(offline_profile)), lora_config(r=R, lora_alpha=2 * R))
+    before = base_fingerprint(model)
+    losses = M.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)), steps=12, lr=5e-3)
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses  # measured ~4.9 -> ~2
+    assert base_fingerprint(model) == before and not model.training

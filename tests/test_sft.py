@@ -113,3 +113,60 @@ def test_few_trainer_steps_train_lora_only(offline_profile, tok, tmp_path):
 class _State:
     def __init__(self, step):
         self.global_step = step
+
+
+# ---- the plain loop shared by merge.train_adapter and the ablations ------------------------------
+def test_warmup_then_constant():
+    from qlora_helpers.sft import warmup_lr
+    assert [warmup_lr(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_shuffled_batches_cover_an_epoch_and_name_bad_sizes(tok):
+    from qlora_helpers.sft_data import shuffled_batches
+    rows = tokenize_dataset(_date_rows(24), tok)  # 24 rows, batches of 8: 3 steps = one epoch
+    batches = shuffled_batches(rows, tok, 3, seed=0, batch_size=8)
+    seen = sorted(tuple(ids[m.bool()].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"]))
+    assert seen == sorted(tuple(r["input_ids"]) for r in rows)  # each row once, none twice
+    longer = shuffled_batches(rows, tok, 5, seed=0, batch_size=8)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, longer))  # a prefix
+    with pytest.raises(ValueError, match="fewer than batch_size=32"):
+        shuffled_batches(rows, tok, 1, seed=0, batch_size=32)
+    with pytest.raises(ValueError, match="steps=0"):
+        shuffled_batches(rows, tok, 0, seed=0)
+
+
+def _date_rows(n):
+    import datasets
+    return datasets.Dataset.from_list([{"messages": [
+        {"role": "user", "content": f"Rewrite the date 2001-02-{d:02d} as DD/MM/YYYY."},
+        {"role": "assistant", "content": f"{d:02d}/02/2001"}]} for d in range(1, n + 1)])
+
+
+def test_saved_tensor_bytes_by_hand():
+    from qlora_helpers.memory import saved_tensor_bytes
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    x = torch.randn(10, 64)
+    with saved_tensor_bytes() as saved:
+        y = (x @ w).relu()  # saves x (for w's grad; w is a parameter, not counted) and relu's output
+    assert saved.total == x.nbytes + y.nbytes == 4 * (10 * 64 + 10 * 32)
+    with saved_tensor_bytes() as none:
+        (x @ w.detach()).relu()  # nothing requires grad: nothing is saved
+    assert none.total == 0
+
+
+def test_train_loop_schedules_clips_and_counts(offline_profile, tok):
+    from qlora_helpers.runtime import load_model
+    from qlora_helpers.sft import train_loop
+    from qlora_helpers.sft_data import shuffled_batches
+    torch.manual_seed(0)
+    model = prepare_qlora_model(load_model(offline_profile), lora_config(8, 16, 0.0), gradient_checkpointing=False)
+    batches = shuffled_batches(tokenize_dataset(_date_rows(16), tok), tok, 4, seed=0, batch_size=4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    log = train_loop(model, opt, batches, lr=0.5, warmup=2, count_activations=True)
+    assert len(log["losses"]) == 4 and log["losses"][-1] < log["losses"][0]
+    assert opt.param_groups[0]["lr"] == 0.5  # warmed up to lr after 2 steps
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
+    assert grads.norm() <= 0.3 + 1e-5  # the last step's gradients, clipped to the paper's 0.3
+    assert log["activation_bytes"] > 0
+    again = train_loop(model, opt, batches[:1], lr=0.5)
+    assert again["activation_bytes"] == 0  # counted only when asked (the hook is slow)
