@@ -75,19 +75,28 @@ def loftq(w: torch.Tensor, r: int, num_iter: int = 1, scaling: float = 1.0,
     Returns:
         Q (out, in) dequantized base, A (r, in), B (out, r), with ``Q + scaling * B @ A ~ W``.
     """
-    if num_iter < 0:
-        raise ValueError(f"num_iter must be >= 0 (0 = plain quantization), got {num_iter}")
     if not scaling > 0:
         raise ValueError(f"scaling must be > 0, got {scaling}")
+    q, a, b, _ = _alternate(w, r, num_iter, quantize)
+    return q, a, b / scaling
+
+
+def _alternate(w: torch.Tensor, r: int, num_iter: int, quantize: Quantizer):
+    """LoftQ's loop. Returns Q, A, B (unscaled) and the matrix the final Q quantized:
+    ``W`` for T <= 1, else ``W - B A`` of the step before the last."""
+    if num_iter < 0:
+        raise ValueError(f"num_iter must be >= 0 (0 = plain quantization), got {num_iter}")
     _check_rank(r, w.shape)
     w = w.float()
-    q = quantize(w)
+    source = w
+    q = quantize(source)
     a, b = w.new_zeros(r, w.shape[1]), w.new_zeros(w.shape[0], r)
     for i in range(num_iter):
         a, b, _ = low_rank_split(w - q, r)  # (r, in), (out, r)
         if i + 1 < num_iter:
-            q = quantize(w - b @ a)
-    return q, a, b / scaling
+            source = w - b @ a
+            q = quantize(source)
+    return q, a, b, source
 
 
 def loftq_errors(w: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -147,19 +156,11 @@ def apply_loftq(peft_model, fp_model, num_iter: int = 1, adapter: str = "default
         if not hasattr(module, "lora_A") or adapter not in module.lora_A:
             continue
         w, r, s = fp[_fp_name(name)].weight.float(), module.r[adapter], module.scaling[adapter]
-        q, a, b = loftq(w, r, num_iter, s, quantize=nf4_dq_roundtrip)
-        source = w - s * _previous_adapter(w, r, num_iter, s)
+        q, a, b, source = _alternate(w, r, num_iter, nf4_dq_roundtrip)
+        b = b / s  # the layer multiplies B A by s (Note: scaling)
         stored = set_4bit_weight(module.get_base_layer(), source)
         assert torch.equal(stored, q), f"{name}: the 4-bit base does not hold LoftQ's Q"
         module.lora_A[adapter].weight.copy_(a)
         module.lora_B[adapter].weight.copy_(b)
         report[name] = loftq_errors(w, q, a, b, s)
     return report
-
-
-def _previous_adapter(w: torch.Tensor, r: int, num_iter: int, scaling: float) -> torch.Tensor:
-    """``B @ A`` that LoftQ's last quantization step subtracted (zeros for T <= 1)."""
-    if num_iter <= 1:
-        return torch.zeros_like(w)
-    _, a, b = loftq(w, r, num_iter - 1, scaling, quantize=nf4_dq_roundtrip)
-    return b @ a

@@ -459,9 +459,9 @@ def check_merged_layer(merged_weight_fn, model) -> bool:
 
 def check_adapter_bytes(answer, config, r: int = 16) -> bool:
     """Bytes of the fp32 LoRA tensors of an all-linear rank-``r`` adapter on ``config``'s model."""
+    from .exercises import attempted
     from .lora import llama_lora_param_count
-    if answer is None:
-        print("Exercise 2: not attempted yet.")
+    if not attempted(answer, "Exercise 2"):
         return False
     want = 4 * llama_lora_param_count(config, r)  # fp32: 4 bytes per A or B entry
     assert int(answer) == want, (f"{answer} bytes: count r * (in + out) per targeted layer (7 per "

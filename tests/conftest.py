@@ -17,3 +17,10 @@ def assets():
 def offline_profile(assets):
     from qlora_helpers.runtime import get_profile
     return get_profile("offline")
+
+
+@pytest.fixture(scope="session")
+def tok(offline_profile):
+    """The offline tokenizer (tests that change padding_side restore it)."""
+    from qlora_helpers.runtime import load_tokenizer
+    return load_tokenizer(offline_profile)

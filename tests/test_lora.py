@@ -264,9 +264,9 @@ def test_double_injection_refused(load_fp):
 
 
 # ---- 4. training --------------------------------------------------------------------------------
-def test_training_moves_only_lora_and_lowers_loss(load_fp, offline_profile):
-    from qlora_helpers.runtime import load_task_dataset, load_tokenizer
-    tok, ds = load_tokenizer(offline_profile), load_task_dataset(offline_profile)
+def test_training_moves_only_lora_and_lowers_loss(load_fp, offline_profile, tok):
+    from qlora_helpers.runtime import load_task_dataset
+    ds = load_task_dataset(offline_profile)
     batches = [lora.chat_batch(tok, ds["train"].select(range(i, i + 8))) for i in range(0, 64, 8)]
     held_out = lora.chat_batch(tok, ds["test"].select(range(16)))  # small for test speed
     torch.manual_seed(0)
@@ -286,9 +286,7 @@ def test_training_moves_only_lora_and_lowers_loss(load_fp, offline_profile):
         assert torch.all((l.base_layer.weight - W[n]).abs() <= FP32_EPS * (W[n].abs() + D[n].abs()))
 
 
-def test_chat_batch_masks_padding(offline_profile):
-    from qlora_helpers.runtime import load_tokenizer
-    tok = load_tokenizer(offline_profile)
+def test_chat_batch_masks_padding(tok):
     rows = [{"messages": [{"role": "user", "content": "Hi"},
                           {"role": "assistant", "content": "01/02/2003"}]},
             {"messages": [{"role": "user", "content": "A much longer question here"},

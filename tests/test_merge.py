@@ -12,12 +12,6 @@ R = 4  # small for test speed
 
 
 @pytest.fixture(scope="module")
-def tok(offline_profile):
-    from qlora_helpers.runtime import load_tokenizer
-    return load_tokenizer(offline_profile)
-
-
-@pytest.fixture(scope="module")
 def texts(tok):
     from qlora_helpers.runtime import load_task_dataset
     return M.conversation_texts(tok, load_task_dataset()["test"].select(range(4)))
@@ -216,3 +210,15 @@ def test_train_adapter_trains_only_lora(offline_profile, tok):
     losses = M.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)), steps=12, lr=5e-3)
     assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses  # measured ~4.9 -> ~2
     assert base_fingerprint(model) == before and not model.training
+
+
+def test_adapter_bytes_checker_waits_passes_and_fails(capsys):
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)  # small for test speed
+    assert M.check_adapter_bytes(None, cfg, r=4) is False and "not attempted" in capsys.readouterr().out
+    # by hand: per layer q (64+64) + k, v (64+32 each) + o (64+64) + gate, up (64+128 each) + down (128+64)
+    want = 4 * 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert M.check_adapter_bytes(want, cfg, r=4) is True
+    with pytest.raises(AssertionError, match="count r"):
+        M.check_adapter_bytes(want + 4, cfg, r=4)

@@ -17,12 +17,6 @@ ROW = {"messages": [{"role": "user", "content": "Rewrite the date 2024-03-17 as 
 
 
 @pytest.fixture(scope="module")
-def tok(offline_profile):
-    from qlora_helpers.runtime import load_tokenizer
-    return load_tokenizer(offline_profile)
-
-
-@pytest.fixture(scope="module")
 def fp_model(offline_profile):
     from qlora_helpers.runtime import load_model
     return load_model(offline_profile, quantized=False).eval()
