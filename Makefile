@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## Build the offline model, tokenizer and task once (about two minutes; cached after).
+## Check the shipped offline model, tokenizer and task (SHA-256); they are never rebuilt per machine.
 assets: $(STAMP)
 	$(PY) -m qlora_helpers.offline
 
@@ -28,9 +28,11 @@ assets: $(STAMP)
 course: assets
 	$(PY) -m qlora_helpers.course
 
-## Unit tests plus nbval over every notebook (what .ci/run runs).
+## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
+## notebooks draw under test go to build/figures, so the committed figures/ stay as they are.
 test: assets
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q
+	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(PY) -m pytest tests qlora_helpers notebooks \
+		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q
 
 ## JupyterLab on the notebooks (ipywidgets render there).
 lab: $(STAMP)

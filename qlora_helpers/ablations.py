@@ -367,14 +367,28 @@ def run_plan(profile, plan: dict, data: TaskData | None = None, log=print) -> li
     return rows + run_grid(profile, main, plan["steps"], extra, data, log)
 
 
-def verdict(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> str:
-    """Is the difference of means between variants ``a`` and ``b`` larger than twice the larger
-    seed std? Says "not enough seeds" with fewer than 2 seeds each."""
+def separated(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> bool | None:
+    """The kit's rule: is the difference of the means of ``a`` and ``b`` larger than twice the
+    larger seed std? None with fewer than 2 seeds of either.
+
+    >>> rows = [{"name": n, "v": v} for n, v in [("a", 1.0), ("a", 1.2), ("b", 2.0), ("b", 2.2)]]
+    >>> separated(rows, "a", "b", "v"), separated(rows + [{"name": "b", "v": 0.0}], "a", "b", "v")
+    (True, False)
+    """
     st = summarize(rows, key)
     (ma, sa, na), (mb, sb, nb) = st[a], st[b]
     if min(na, nb) < 2:
+        return None
+    return abs(ma - mb) > 2 * max(sa, sb)
+
+
+def verdict(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> str:
+    """:func:`separated` in words. Says "not enough seeds" with fewer than 2 seeds each."""
+    st = summarize(rows, key)
+    (ma, sa, na), (mb, sb, nb) = st[a], st[b]
+    real = separated(rows, a, b, key)
+    if real is None:
         return f"{a} vs {b}: {key} {ma:.3f} vs {mb:.3f}, not enough seeds to judge"
-    real = abs(ma - mb) > 2 * max(sa, sb)
     return (f"{a} vs {b}: {key} {ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} over {min(na, nb)} seeds: "
             f"{'difference larger than 2 std' if real else 'within seed noise'}")
 
@@ -406,12 +420,38 @@ def check_rslora_scale(answer) -> bool:
     return True
 
 
-def save_results(rows: list[dict], path, plan: dict | None = None, meta: dict | None = None) -> Path:
+class DifferentBaseError(ValueError):
+    """Committed results were made on another base model than the one loaded here."""
+
+
+def base_fingerprint(profile) -> str:
+    """What every number of the grid depends on first: the SHA-256 of the base model's weights
+    file (``model.safetensors`` in a local model folder), or the hub id for a hub model."""
+    from .artifacts import sha256_file
+    weights = Path(profile.model_source) / "model.safetensors"
+    return sha256_file(weights) if weights.exists() else profile.model_source
+
+
+def check_same_base(meta: dict, profile) -> None:
+    """Raise :class:`DifferentBaseError` if ``meta`` (of :func:`load_results`) records another
+    base than ``profile``'s: then a difference in losses is a different model, not drift."""
+    here = base_fingerprint(profile)
+    if meta.get("base") != here:
+        raise DifferentBaseError(
+            f"the committed grid was made on another base: it records {meta.get('base')!r}, this "
+            f"profile's model is {here!r}. Its numbers describe that other model. Restore the kit's "
+            f"model (git checkout -- qlora_helpers/assets), or re-make the grid on this one "
+            f"(python -m qlora_helpers.ablations --full).")
+
+
+def save_results(rows: list[dict], path, plan: dict | None = None, meta: dict | None = None,
+                 profile=None) -> Path:
     """Write grid rows as JSON ``{"meta": ..., "rows": [...]}``; losses rounded to 5 digits.
 
-    ``meta`` records what the numbers depend on: steps, seeds, test rows, package versions, the
-    number of torch threads, the date and how many grid processes ran at once (their wall times
-    share the machine), so a committed result says how it was made. Pass the
+    ``meta`` records what the numbers depend on: the base model (:func:`base_fingerprint` of
+    ``profile``), steps, seeds, test rows, package versions, the number of torch threads, the
+    torch CPU kernels, the date and how many grid processes ran at once (their wall times share
+    the machine), so a committed result says how it was made. Pass the
     ``meta`` of :func:`load_results` to keep the shards' own record when joining them."""
     import datetime
     import platform
@@ -423,6 +463,8 @@ def save_results(rows: list[dict], path, plan: dict | None = None, meta: dict | 
         "n_test": (plan or {}).get("n_test"), "torch": torch.__version__, "peft": peft.__version__,
         "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
         "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "base": base_fingerprint(profile) if profile is not None else None,
         "date": datetime.date.today().isoformat(), "processes": 1}
     slim = [{**r, "losses": [round(x, 5) for x in r["losses"]]} for r in rows]
     path = Path(path)
@@ -452,6 +494,9 @@ def load_results(*paths) -> tuple[dict, list[dict]]:
     if len({tuple(m["steps"]) for m in metas}) > 1 or len({m["n_test"] for m in metas}) > 1:
         raise ValueError(f"the files ran with different steps or test rows: "
                          f"{[(m['steps'], m['n_test']) for m in metas]}")
+    if len({m.get("base") for m in metas}) > 1:
+        raise DifferentBaseError(f"the files were made on different base models: "
+                                 f"{sorted({str(m.get('base')) for m in metas})}")
     keys = [(r["name"], r["seed"]) for r in rows]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
@@ -488,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             plan["variants"] = [v for v in plan["variants"] if v["name"] in names]
         rows = run_plan(profile, plan, load_task(profile, plan["n_test"]))
         out = args.out or f"build/ablations_{'full' if args.full else 'reduced'}.json"
-        print("wrote", save_results(rows, out, plan))
+        print("wrote", save_results(rows, out, plan, profile=profile))
     print(results_table(rows))
     full = max(r["steps"] for r in rows) >= grid(True)["steps"]
     if any(r["name"].startswith("r") and r["use_rslora"] for r in rows):

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = read(summary) if summary.exists() else []
     print("\nWhat the course proved (offline profile unless QLORA_KIT_PROFILE says otherwise)\n")
     print(format_summary(rows, times))
-    print(f"\nTotal: {sum(times.values()):.0f} s; figures in {ROOT / 'figures'}")
+    from .figures import figures_dir
+    print(f"\nTotal: {sum(times.values()):.0f} s; figures in {figures_dir()}")
     return 0
 
 

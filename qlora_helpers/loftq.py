@@ -14,7 +14,7 @@ discarded squared singular values. ``T = 1`` is "quantize W, then fit the error"
 Production code it is checked against: PEFT 0.21.2 ``peft.utils.loftq_utils.loftq_init`` (4 bits,
 ``num_iter``) and ``_low_rank_decomposition`` (B = U_r sqrt(S_r), A = sqrt(S_r) Vh_r).
 ``tests/test_loftq.py`` runs PEFT's own function on the CPU with its device string changed
-(``loftq_init`` hard-codes ``"cuda"``; shared/PITFALLS.md item 4) and, with a GPU, unchanged.
+(``loftq_init`` hard-codes ``"cuda"``; ``TROUBLESHOOTING.md``, "PEFT's LoftQ needs CUDA") and, with a GPU, unchanged.
 
 Note (scaling): PEFT writes ``lora_B = U_r sqrt(S_r)`` into the adapter as is, but the adapter's
     forward adds ``scaling * B @ A`` (``scaling = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
@@ -142,7 +142,7 @@ def set_4bit_weight(layer, q_source: torch.Tensor) -> torch.Tensor:
 def apply_loftq(peft_model, fp_model, num_iter: int = 1, adapter: str = "default") -> dict[str, dict]:
     """Replace a fresh QLoRA adapter and its NF4 base by LoftQ's, layer by layer, on the CPU.
 
-    Call it before any forward pass (shared/PITFALLS.md item 1). For every LoRA layer: LoftQ on
+    Call it before any forward pass (the bytes it writes must be the bytes the layer uses). For every LoRA layer: LoftQ on
     the full-precision ``W`` from ``fp_model``, write ``NF4(W - s B_{T-1} A_{T-1})`` into the
     ``Linear4bit`` (bitsandbytes quantizes it), and assert that the layer now computes with
     exactly the Q that LoftQ's last SVD was fitted to.

@@ -11,19 +11,14 @@ What it teaches (notebook ``05_merge_and_export``):
 2. Why (b) with the original weights is not (a): the adapter was trained on top of
    ``dequant(Q(W))``, quantization error included (:func:`quantization_vs_update`).
 3. Export: a merged model is a plain transformers checkpoint (:func:`save_merged`).
-4. A trap (shared/PITFALLS.md, item 1). On a CPU with AVX512-BF16, bitsandbytes rewrites a
-   ``Linear4bit`` weight into a kernel layout at the first eval-mode no-grad forward
-   (``bitsandbytes.functional._convert_weight_packed_for_cpu``): codes re-ordered in blocks of 32
-   rows, absmax double-dequantized, transposed and rounded to bf16, ``quant_state.
-   packing_format_for_cpu = True``. ``dequantize_4bit(weight.data, quant_state)`` then reads the
-   codes in the wrong order, so PEFT's merge after an evaluation is silently wrong. The defence here:
-   :func:`dequantize_weight` never trusts ``weight.data``: a repacked weight is converted back on a
-   *copy* with bitsandbytes' own inverse (``_convert_weight_packed_for_cpu_inverse``, what
-   ``Linear4bit._save_to_state_dict`` calls); :func:`restore_standard_layout` does it in place
-   before PEFT's 4-bit merge; :func:`keep_standard_layout` switches the repack off so that an
-   evaluation cannot change the base at all (the kit's adapters are loaded that way).
-   :func:`simulate_cpu_repack` runs bitsandbytes' repack by hand, so the defence is tested on
-   CPUs without the feature too.
+4. A trap (``TROUBLESHOOTING.md``, "The CPU repack"; the mechanism and the kit's defence are
+   :mod:`qlora_helpers.cpu_layout`). On a CPU with AVX512-BF16, bitsandbytes rewrites a 4-bit
+   weight into a kernel layout at its first eval-mode forward, and ``dequantize_4bit(weight.data,
+   quant_state)`` then reads the codes in the wrong order, so a merge after an evaluation is
+   silently wrong. Every model ``load_model`` returns has the repack switched off; on top of that,
+   :func:`dequantize_weight` never trusts ``weight.data``: a repacked weight is converted back on
+   a *copy* with bitsandbytes' own inverse, and :func:`merge_into_4bit` restores the layout in
+   place before PEFT's merge, so a model that did not come through ``load_model`` merges right too.
    Note (bf16 absmax): the repack rounds the absmax to bf16 and the inverse re-quantizes it to
    8 bits; that precision is gone, so a merge after a real repack equals a fresh merge only to
    ~1e-3 relative (``tests/test_merge.py`` states the bound), not bit for bit.
@@ -48,6 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_layout import (  # noqa: F401  (re-exported: notebook 05 teaches the trap with them)
+    is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
+    simulate_cpu_repack, standard_layout)
 from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
 
 ADAPTER_NAME = "date-r16-all-linear"  # the kit's task adapter, saved under $QLORA_KIT_CACHE/adapters
@@ -105,13 +103,13 @@ def task_adapter(profile, steps: int = 300, name: str | None = None, retrain: bo
         profile: a :class:`qlora_helpers.runtime.Profile`. steps: optimizer steps if training.
         name: cache folder name (default: ``date-r16-all-linear-<steps>``). retrain: ignore the cache.
     Returns:
-        ``(peft_model, info)``: the model in eval mode with the CPU repack switched off
-        (:func:`keep_standard_layout`), and ``{"path", "trained", "losses"}``.
+        ``(peft_model, info)``: the model in eval mode (its base loaded by ``load_model``, so the
+        CPU repack is switched off), and ``{"path", "trained", "losses"}``.
     """
     from .runtime import load_model, load_task_dataset, load_tokenizer
     from .sft import lora_config
     path = adapter_dir(name or f"{ADAPTER_NAME}-{steps}")
-    base = keep_standard_layout(load_model(profile))
+    base = load_model(profile)  # 4-bit, CPU repack switched off (qlora_helpers.cpu_layout)
     if (path / "adapter_config.json").exists() and not retrain:
         return load_adapter(base, path), {"path": path, "trained": False, "losses": []}
     from peft import get_peft_model
@@ -125,50 +123,8 @@ def task_adapter(profile, steps: int = 300, name: str | None = None, retrain: bo
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Reading a 4-bit weight safely (PITFALLS item 1)
+# 2. Reading a 4-bit weight safely (the CPU repack: qlora_helpers.cpu_layout)
 # ---------------------------------------------------------------------------------------------
-def linear4bit_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name: bitsandbytes.nn.Linear4bit}`` for every 4-bit layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if _is_4bit(m)}
-
-
-def is_repacked(module: nn.Module) -> bool:
-    """True if bitsandbytes has rewritten this ``Linear4bit``'s weight into its CPU kernel layout."""
-    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
-
-
-def keep_standard_layout(model: nn.Module) -> nn.Module:
-    """Switch off the CPU repack (``Linear4bit.support_avx512bf16_for_cpu = False``) on every
-    4-bit layer, so that evaluating cannot rewrite the base. In place; returns ``model``.
-    Cost: CPUs with AVX512-BF16 use the generic 4-bit matmul (fp32 here) instead of the bf16 kernel."""
-    for m in linear4bit_modules(model).values():
-        m.support_avx512bf16_for_cpu = False
-    return model
-
-
-def simulate_cpu_repack(model: nn.Module) -> int:
-    """Do to every ``Linear4bit`` what its first eval forward does on an AVX512-BF16 CPU: call
-    bitsandbytes' own ``_convert_weight_packed_for_cpu`` (needs out_features % 32 == 0).
-    In place. Returns the number of layers repacked. (The forward itself then needs that CPU.)"""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
-    mods = [m for m in linear4bit_modules(model).values() if not is_repacked(m)]
-    for m in mods:
-        m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(
-            m.weight.data, m.weight.quant_state)
-    return len(mods)
-
-
-def standard_layout(module: nn.Module):
-    """``(packed uint8, QuantState)`` of a ``Linear4bit`` in bitsandbytes' standard layout,
-    without touching the module: a repacked weight is converted back on a copy with
-    bitsandbytes' ``_convert_weight_packed_for_cpu_inverse`` (as ``state_dict()`` does)."""
-    w = module.weight
-    if not is_repacked(module):
-        return w.data, w.quant_state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    return _convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(w.quant_state))
-
-
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """``dequant(Q(W))`` of a ``Linear4bit``, fp32 (out, in), whatever layout it is in now."""
     from bitsandbytes.functional import dequantize_4bit
@@ -190,17 +146,6 @@ def kit_dequantize_weight(module: nn.Module) -> torch.Tensor:
     else:
         absmax = s.absmax.float()
     return nf4.dequantize_nf4(packed.view(torch.uint8), absmax, tuple(s.shape), s.blocksize)
-
-
-def restore_standard_layout(model: nn.Module) -> int:
-    """Convert every repacked ``Linear4bit`` back, in place (what ``model.state_dict()`` does as a
-    side effect). Needed before anything that reads ``weight.data``, such as PEFT's 4-bit merge.
-    Returns the number of layers converted."""
-    mods = [m for m in linear4bit_modules(model).values() if is_repacked(m)]
-    for m in mods:
-        m.weight.data, m.weight.quant_state = standard_layout(m)
-        m.quant_state = m.weight.quant_state  # the module keeps its own reference too
-    return len(mods)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,12 +243,12 @@ def _merged_weight(module: nn.Module) -> torch.Tensor | None:
 
 def _is_4bit(module: nn.Module) -> bool:
     import bitsandbytes as bnb
-    return isinstance(module, bnb.nn.Linear4bit)
+    return isinstance(module, bnb.nn.Linear4bit)  # the same test as cpu_layout.linear4bit_modules
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
     if _is_4bit(module):
-        return dequantize_weight(module)  # safe whatever the layout (PITFALLS item 1)
+        return dequantize_weight(module)  # safe whatever the layout (cpu_layout)
     return module.weight.detach().float()
 
 
@@ -312,7 +257,7 @@ def merge_to_fp(model, dtype: torch.dtype = torch.float32):
 
     Every weight is written into a fresh plain transformers model: ``dequant(Q(W)) + ΔW`` for
     LoRA layers, ``dequant(Q(W))`` for other 4-bit layers, the rest copied. The input is not
-    changed, and the result does not depend on bitsandbytes' CPU layout (PITFALLS item 1).
+    changed, and the result does not depend on bitsandbytes' CPU layout (:mod:`qlora_helpers.cpu_layout`).
 
     Args:
         model: a ``PeftModel`` (one active LoRA adapter, not merged) on a 4-bit base.
@@ -357,8 +302,8 @@ def merge_into_4bit(model):
     """PEFT's ``merge_and_unload`` on a 4-bit base: (c).
 
     Note: merging into NF4 re-quantizes: each layer becomes ``Q(dequant(Q(W)) + ΔW)``, so the
-    update is rounded to the NF4 grid (PITFALLS item 6). PEFT reads ``weight.data`` with
-    ``dequantize_4bit``, which is wrong after a CPU repack (item 1): the layout is restored first.
+    update is rounded to the NF4 grid (``TROUBLESHOOTING.md``, "Merging into 4-bit"). PEFT reads ``weight.data`` with
+    ``dequantize_4bit``, which is wrong after a CPU repack (:mod:`qlora_helpers.cpu_layout`): the layout is restored first.
     In place on ``model``; returns the unloaded 4-bit transformers model.
     """
     restore_standard_layout(model)

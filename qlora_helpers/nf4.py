@@ -20,7 +20,11 @@ Production code it is checked against (bitsandbytes 0.50.2): ``bitsandbytes.func
 get_4bit_type("nf4")`` (the hardcoded table), ``create_normal_map`` (the recipe that made it; it
 needs scipy), ``quantize_4bit(..., quant_type="nf4", compress_statistics=False)`` and
 ``dequantize_4bit``. ``tests/test_nf4.py`` and the notebook assert equal bytes, equal absmax and
-equal dequantized tensors. The behaviour of bitsandbytes this module reproduces, each pinned by a
+equal dequantized tensors. Dequantization is compared with bitsandbytes' *reference*
+implementation (its generic ``_dequantize_4bit_compute``, :func:`bnb_reference_dequantize`),
+because bitsandbytes 0.50.2's native CPU kernel is wrong on AVX-512 CPUs when a block spans two
+rows; :func:`whose_defect` tells the cases apart (``TROUBLESHOOTING.md``, "dequantize_4bit on
+AVX-512"). The behaviour of bitsandbytes this module reproduces, each pinned by a
 test so that a version bump that changes it is noticed:
 
 Note (offset): bitsandbytes uses the literal 0.9677083, the paper's 0.96770833... rounded to 7
@@ -51,6 +55,7 @@ __all__ = [
     "check_blocksize", "check_weights", "block_absmax", "scale_to_unit", "nearest_codes",
     "quantize_codes", "dequantize_codes", "roundtrip", "pack_nibbles", "unpack_nibbles",
     "quantize_nf4", "dequantize_nf4", "quantization_error", "bits_per_param", "code_entropy",
+    "bnb_reference_dequantize", "whose_defect", "block_spans_rows",
     "check_nf4_level_count", "check_offset", "check_pack", "check_bits_per_param",
     "check_uniform_winner",
 ]
@@ -332,6 +337,66 @@ def _check_packed(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize:
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"absmax must have ceil({n}/{blocksize}) = {-(-n // blocksize)} elements, got "
                          f"{absmax.numel()}; was it quantized with another blocksize?")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4b. Whose defect? bitsandbytes' native kernel against its own reference
+# ---------------------------------------------------------------------------------------------
+def bnb_reference_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int],
+                             blocksize: int = DEFAULT_BLOCKSIZE, dtype: torch.dtype = torch.float32,
+                             quant_type: str = "nf4") -> torch.Tensor:
+    """bitsandbytes' own generic 4-bit dequantization, ``levels[code] * absmax`` in fp32
+    (``bitsandbytes/backends/default/ops.py::_dequantize_4bit_compute``, run eagerly): the path
+    its CPU backend itself falls back to for odd last dimensions, and the same arithmetic as its
+    CUDA kernel. The oracle for :func:`dequantize_nf4` on every CPU.
+
+    Args, Returns: as :func:`dequantize_nf4` (absmax as stored by ``quantize_4bit`` without
+    double quantization).
+    """
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.functional import get_4bit_type
+    code = get_4bit_type(quant_type, device=packed.device)  # (16,)
+    with torch.compiler.set_stance("force_eager"):
+        out = _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax.float(), code,
+                                       blocksize, tuple(shape), dtype)
+    return out.reshape(tuple(shape))
+
+
+def whose_defect(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> dict:
+    """Quantize ``w`` with bitsandbytes, dequantize it three ways, and say who is wrong.
+
+    The three: the kit's :func:`dequantize_nf4`, bitsandbytes' native ``dequantize_4bit`` (the
+    CPU kernel of this machine) and bitsandbytes' reference :func:`bnb_reference_dequantize`.
+
+    Returns:
+        ``{"kit_ok", "native_ok", "native_max_err", "native_wrong", "verdict"}``: ``kit_ok`` /
+        ``native_ok``: bit-equal to the reference; ``native_wrong``: how many values differ;
+        ``verdict``: ``"agree"``, ``"bitsandbytes native kernel"`` (the kit and the reference
+        agree, the kernel does not: an upstream defect), or ``"kit"`` (the kit differs from the
+        reference: ours to fix).
+    """
+    import bitsandbytes.functional as bnbF
+    with torch.compiler.set_stance("force_eager"):
+        packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                                           compress_statistics=False)
+        native = bnbF.dequantize_4bit(packed, state).reshape(w.shape)
+    ref = bnb_reference_dequantize(packed, state.absmax, w.shape, blocksize, w.dtype)
+    kit = dequantize_nf4(packed.reshape(-1), state.absmax, w.shape, blocksize, w.dtype)
+    diff = (native.float() - ref.float()).abs()
+    kit_ok, native_ok = torch.equal(kit, ref), torch.equal(native, ref)
+    verdict = "kit" if not kit_ok else "agree" if native_ok else "bitsandbytes native kernel"
+    return {"kit_ok": kit_ok, "native_ok": native_ok, "native_max_err": diff.max().item(),
+            "native_wrong": int((diff > 0).sum()), "verdict": verdict}
+
+
+def block_spans_rows(shape: Sequence[int], blocksize: int) -> bool:
+    """True if some block of ``blocksize`` consecutive values crosses a row boundary of a 2-D+
+    ``shape``: where bitsandbytes 0.50.2's AVX-512 ``dequantize_4bit`` can go wrong.
+
+    >>> block_spans_rows((128, 128), 256), block_spans_rows((128, 128), 64), block_spans_rows((4097,), 64)
+    (True, False, False)
+    """
+    return len(shape) >= 2 and shape[-1] % blocksize != 0 and math.prod(shape) > shape[-1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,22 +1,33 @@
-"""The offline profile: a tiny base model, its tokenizer and a task dataset, built here.
+"""The offline profile: a tiny base model, its tokenizer and a task dataset, shipped as fixed bytes.
 
 What it teaches: a QLoRA pipeline does not care how big the model is. Everything the GPU
 profile does with a hub model (``AutoTokenizer.from_pretrained``,
 ``AutoModelForCausalLM.from_pretrained(..., quantization_config=...)``,
 ``datasets.load_dataset``) works unchanged on a folder in standard Hugging Face format.
-This module makes such a folder without any network:
+This module made such a folder without any network:
 
 1. a byte-level BPE tokenizer (the GPT-2 / Llama 3 family of tokenizers) trained on English
    text that ships with CPython (``pydoc_data.topics``), digits split one per token as in
    Llama, with a ChatML-style chat template;
-2. a small Llama-architecture causal LM, *pretrained* on that text for about a minute, so it
+2. a small Llama-architecture causal LM, *pretrained* on that text for about two minutes, so it
    is a base model (it continues English), not random weights;
 3. an instruction dataset for a task with an exact-match metric (date reformatting, see
    :func:`make_task_example`), as JSON Lines that ``datasets.load_dataset("json", ...)`` reads.
 
-Everything is seeded; the result is cached under a folder keyed by :data:`RECIPE_VERSION`,
-so the second call returns at once. Building writes to a temporary folder and renames it,
-so two processes never see half a model.
+Fixed bytes, not a per-machine build. Everything is seeded, yet the pretrained weights depend on
+the CPU: torch picks different matrix kernels on AVX2, AVX-512 and ARM, their float rounding
+differs, and 500 steps of training turn that into a different model (``TROUBLESHOOTING.md``,
+"The CPU decides the numbers"). So the kit ships the model it was built with, in
+``qlora_helpers/assets/offline-v1/`` with a ``MANIFEST.json`` of SHA-256 hashes, and
+:func:`ensure_offline_assets` checks them before anything loads (:mod:`qlora_helpers.artifacts`).
+The shipped copy was built with AVX2 kernels (``build_report.json`` records how), and
+``python -m qlora_helpers.offline --build DIR`` still builds a fresh copy and reports which files
+differ from the shipped ones on this CPU. On an x86 CPU with AVX2 or better,
+
+    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 DNNL_MAX_CPU_ISA=AVX2 \
+        python -m qlora_helpers.offline --build /tmp/rebuild
+
+reproduced the shipped bytes on an AVX-512 Intel Xeon (about 75 s on 2 cores).
 """
 from __future__ import annotations
 
@@ -30,14 +41,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .artifacts import verify_manifest, write_manifest
+
 RECIPE_VERSION = "v1"  # bump when anything below changes what is built
+# The shipped build (package data, so a pip install from git carries it too).
+ASSETS_DIR = Path(__file__).resolve().parent / "assets" / f"offline-{RECIPE_VERSION}"
+ASSET_FILES = ["model/config.json", "model/generation_config.json", "model/model.safetensors",
+               "model/tokenizer.json", "model/tokenizer_config.json", "model/chat_template.jinja",
+               "data/train.jsonl", "data/test.jsonl", "build_report.json"]
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December"]
 
 
 def cache_root() -> Path:
-    """Folder for built assets: ``$QLORA_KIT_CACHE`` or ``~/.cache/qlora-kit``."""
+    """Folder for what the kit makes while it runs (trained adapters, MLflow runs):
+    ``$QLORA_KIT_CACHE`` or ``~/.cache/qlora-kit``."""
     return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit"))
 
 
@@ -156,7 +175,7 @@ def tiny_llama_config(vocab_size: int, **overrides):
     """A Llama with every width a multiple of 64.
 
     Note: on CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights and then requires
-    ``out_features % 32 == 0`` (shared/PITFALLS.md, item 1); multiples of 64 keep the model
+    ``out_features % 32 == 0`` (:mod:`qlora_helpers.cpu_layout`); multiples of 64 keep the model
     usable there, and keep the NF4 blocks (64 values) aligned with rows.
     """
     from transformers import LlamaConfig
@@ -224,8 +243,28 @@ def _assets(root: Path) -> OfflineAssets:
                          report=json.loads((root / "build_report.json").read_text()))
 
 
+# What the shipped build ran with. torch's kernels come from ATEN_CPU_CAPABILITY, its matrix
+# products from MKL (MKL_ENABLE_INSTRUCTIONS) and oneDNN (DNNL_MAX_CPU_ISA), each choosing by CPU;
+# all three set to AVX2 reproduced the shipped model bit for bit on an AVX-512 Intel Xeon, where
+# ATEN_CPU_CAPABILITY=avx2 alone did not (pretraining loss 2.00 instead of 1.96).
+BUILD_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
+BUILD_THREADS = 2  # intra-op threads change the order of some float sums; fixed, not nproc
+
+
 def build_offline_assets(out: Path, pretrain_steps: int = 500, seed: int = 0, log=print) -> None:
     """Train the tokenizer, pretrain the tiny Llama, write model, tokenizer and task data to ``out``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        _build(Path(out), pretrain_steps, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, pretrain_steps: int, seed: int, log) -> None:
+    import platform
     import torch
     from transformers import LlamaForCausalLM
 
@@ -253,31 +292,65 @@ def build_offline_assets(out: Path, pretrain_steps: int = 500, seed: int = 0, lo
             f.writelines(json.dumps(r) + "\n" for r in rows)
     report = {"recipe": RECIPE_VERSION, "seed": seed, "n_params": model.num_parameters(),
               "corpus_tokens": len(ids), "vocab_size": len(tok), **rep.__dict__,
-              "build_seconds": time.perf_counter() - t0}
+              "build_seconds": time.perf_counter() - t0,
+              "built_with": {"torch": torch.__version__, "machine": platform.machine(),
+                             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                             "threads": torch.get_num_threads(),
+                             **{k: os.environ.get(k) for k in BUILD_ENV}}}
     (out / "build_report.json").write_text(json.dumps(report, indent=1))
 
 
+def build_offline_assets_checked(out: Path, log=print, pretrain_steps: int = 500) -> list[str]:
+    """Build a fresh copy into ``out`` (which must not exist), write its manifest, and return the
+    files whose bytes differ from the shipped copy (on most CPUs: the model, see module docstring)."""
+    import json as _json
+    import torch
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; pass a new folder to --build")
+    log(f"Building the offline profile into {out} (about two minutes; torch kernels: "
+        f"{torch.backends.cpu.get_cpu_capability()}, "
+        + ", ".join(f"{k}={os.environ.get(k)}" for k in BUILD_ENV)
+        + "). Its model's bytes depend on the CPU and these settings.")
+    build_offline_assets(out, pretrain_steps=pretrain_steps, log=log)
+    write_manifest(out, ASSET_FILES)
+    shipped = _json.loads((ASSETS_DIR / "MANIFEST.json").read_text())["files"]
+    fresh = _json.loads((out / "MANIFEST.json").read_text())["files"]
+    return [f for f in ASSET_FILES if f != "build_report.json" and shipped.get(f) != fresh[f]]
+
+
 def ensure_offline_assets(log=print) -> OfflineAssets:
-    """Return the offline profile's assets, building them once (about two minutes on 2 cores)."""
-    root = cache_root() / f"offline-{RECIPE_VERSION}"
-    if (root / "build_report.json").exists():
-        return _assets(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".building-{RECIPE_VERSION}-", dir=root.parent))
-    try:
-        log(f"Building the offline profile into {root} (once; about two minutes) ...")
-        build_offline_assets(tmp, log=log)
-        try:
-            tmp.rename(root)
-        except OSError:  # another process finished first; its copy is as good as ours
-            if not (root / "build_report.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _assets(root)
+    """The offline profile's shipped assets, after checking every file's SHA-256.
+
+    Raises:
+        qlora_helpers.artifacts.ArtifactMismatchError: a file is missing or altered (the message
+            names it, both hashes and the fix).
+    """
+    verify_manifest(ASSETS_DIR, fix=(
+        "restore the kit's copy (git checkout -- qlora_helpers/assets, or reinstall the kit). "
+        "To make a different base on purpose, build one with python -m qlora_helpers.offline "
+        "--build DIR; every committed result (notebook outputs, the ablation grid) then needs "
+        "re-making"))
+    return _assets(ASSETS_DIR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description="Check (default) or rebuild the offline profile.")
+    ap.add_argument("--build", type=Path, metavar="DIR",
+                    help="build a fresh copy into DIR and report which files differ from the shipped one")
+    args = ap.parse_args(argv)
+    if args.build:
+        differ = build_offline_assets_checked(args.build)
+        print("identical to the shipped copy" if not differ else
+              f"differs from the shipped copy in: {', '.join(differ)} (expected on a CPU whose "
+              f"torch kernels differ from the build's; see TROUBLESHOOTING.md)")
+        return 0
+    r = ensure_offline_assets().report
+    print(f"offline profile ready and verified (SHA-256): {r['n_params']:,} parameters, pretraining "
+          f"loss {r['first_loss']:.2f} -> {r['final_loss']:.2f} ({r['seconds']:.0f} s when built)")
+    return 0
 
 
 if __name__ == "__main__":
-    r = ensure_offline_assets().report
-    print(f"offline profile ready: {r['n_params']:,} parameters, pretraining loss "
-          f"{r['first_loss']:.2f} -> {r['final_loss']:.2f} ({r['seconds']:.0f} s when built)")
+    raise SystemExit(main())

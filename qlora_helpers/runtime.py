@@ -3,7 +3,7 @@
 Two profiles, one code path:
 
 * ``offline`` (default without a GPU): the kit's own tiny Llama, tokenizer and date task
-  (:mod:`qlora_helpers.offline`), built locally, no network.
+  (:mod:`qlora_helpers.offline`), shipped as fixed bytes (SHA-256 checked), no network.
 * ``gpu`` (default with a CUDA GPU): a small open instruct model and a public instruction
   dataset from the Hugging Face Hub, for Colab's T4 or better.
 
@@ -13,7 +13,7 @@ quantization_config=BitsAndBytesConfig(...))`` and ``datasets.load_dataset``.
 
 Compute dtype: bf16 only where the GPU has it natively (compute capability >= 8.0, Ampere and
 newer). ``torch.cuda.is_bf16_supported()`` answers True on a T4 (7.5) through emulation
-(shared/PITFALLS.md, item 3), so the kit reads the capability instead. fp16 on T4/V100.
+(``TROUBLESHOOTING.md``, "bf16 on a T4"), so the kit reads the capability instead. fp16 on T4/V100.
 fp32 on the CPU: measured on this kit's 2-core CI machine (no AVX512-BF16), one QLoRA training
 step of the offline model (LoRA r=16 on all linear layers, batch 16 x 64 tokens, 1 thread) took
 210 ms with fp32 compute, 1680 ms with fp16 and 2179 ms with bf16; fp32 is also the exact
@@ -95,8 +95,7 @@ def get_profile(name: str | None = None) -> Profile:
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
     if name == "offline":
-        from .offline import cache_root, RECIPE_VERSION
-        root = cache_root() / f"offline-{RECIPE_VERSION}"
+        from .offline import ASSETS_DIR as root  # shipped with the kit, checked by SHA-256
         model_src, data_src = str(root / "model"), str(root / "data")
     else:
         model_src, data_src = GPU_MODEL_ID, GPU_DATASET_ID
@@ -134,6 +133,11 @@ def load_tokenizer(profile: Profile | None = None):
 def load_model(profile: Profile | None = None, quantized: bool = True, double_quant: bool = True):
     """``AutoModelForCausalLM.from_pretrained`` on the profile's model.
 
+    A 4-bit model comes back with bitsandbytes' CPU repack switched off
+    (:func:`qlora_helpers.cpu_layout.defend`): on CPUs with AVX512-BF16 an evaluation would
+    otherwise rewrite its weights into another layout, and training or merging afterwards works
+    on the wrong bytes. The same defence on every CPU, so every CPU gives the same answers.
+
     Args:
         quantized: load the linear layers as bitsandbytes NF4 ``Linear4bit`` (QLoRA's frozen
             base); False loads the weights in the profile's compute dtype.
@@ -148,9 +152,13 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
     if profile.device == "cuda":
         kw["device_map"] = {"": 0}
     try:
-        return AutoModelForCausalLM.from_pretrained(profile.model_source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(profile.model_source, **kw)
     except OSError as err:
         raise _hub_error("model", profile.model_source, err) from err
+    if quantized:  # every 4-bit model the kit loads: no CPU repack, whatever runs next
+        from .cpu_layout import defend
+        defend(model)
+    return model
 
 
 def load_task_dataset(profile: Profile | None = None):

@@ -145,7 +145,7 @@ def base_fingerprint(model) -> dict[str, str]:
 
     Read through ``state_dict()``, not ``weight.data``: on CPUs with AVX512-BF16, bitsandbytes
     repacks ``weight.data`` in place at the first inference forward and ``state_dict()`` converts it
-    back (shared/PITFALLS.md, item 1).
+    back (:mod:`qlora_helpers.cpu_layout`; ``load_model`` also switches the repack off).
     """
     return {k: _tensor_digest(v) for k, v in model.state_dict().items()
             if "lora_" not in k and isinstance(v, torch.Tensor)}

@@ -14,7 +14,7 @@ What it teaches:
 * **Packing without cross-contamination.** ``transformers.DataCollatorWithFlattening`` concatenates
   a batch into one row and restarts ``position_ids`` at 0 for every example (padding-free
   packing). With ``use_cache=False`` and no ``attention_mask``, transformers 5 derives a block-
-  diagonal mask from the restarts, so no example attends to another (shared/PITFALLS.md, item 2);
+  diagonal mask from the restarts, so no example attends to another (``TROUBLESHOOTING.md``, "Packing is exact only without a cache");
   :func:`packed_logits` and ``tests/test_sft.py`` prove it against the model run on each example alone.
 """
 from __future__ import annotations
@@ -144,7 +144,7 @@ def packed_logits(model, examples: list[list[int]], use_cache: bool = False) -> 
     Args:
         examples: token id lists.
         use_cache: transformers 5 only builds the per-example mask from ``position_ids`` when no
-            cache is passed; ``True`` shows what goes wrong (PITFALLS item 2).
+            cache is passed; ``True`` shows what goes wrong (``TROUBLESHOOTING.md``, "Packing is exact only without a cache").
     Returns:
         One ``(len(example), vocab)`` tensor per example.
     """

@@ -35,7 +35,7 @@ def test_equals_peft_loftq_init_math_on_cpu(w, num_iter):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="PEFT's loftq_init hard-codes CUDA (PITFALLS item 4); CPU-only torch here")
+                    reason="PEFT's loftq_init hard-codes CUDA (TROUBLESHOOTING.md); CPU-only torch here")
 def test_equals_peft_loftq_init_on_gpu(w):
     from peft.utils.loftq_utils import loftq_init
     q_peft, a_peft, b_peft = loftq_init(w, num_bits=4, reduced_rank=8, num_iter=3)

@@ -1,5 +1,5 @@
 """qlora_helpers.merge: merges checked against PEFT's merge_and_unload, bitsandbytes' dequantize_4bit
-and the kit's own NF4 + double quantization; the CPU repack trap (PITFALLS item 1) simulated with
+and the kit's own NF4 + double quantization; the CPU repack trap (TROUBLESHOOTING.md, qlora_helpers.cpu_layout) simulated with
 bitsandbytes' own repack function, so the defence is exercised on CPUs without AVX512-BF16 too."""
 import json
 
@@ -78,7 +78,7 @@ def test_merge_to_fp_equals_peft_merge_on_dequantized_base(offline_profile, tmp_
 
 
 def test_repacked_weight_fools_dequantize_4bit_but_not_the_kit(offline_profile):
-    """PITFALLS item 1, reproduced with bitsandbytes' own repack: dequantize_4bit on weight.data
+    """The CPU repack, reproduced with bitsandbytes' own repack: dequantize_4bit on weight.data
     is garbage; dequantize_weight converts a copy back and stays within the bf16 absmax rounding."""
     from bitsandbytes.functional import dequantize_4bit
     model = lora_4bit(offline_profile)

@@ -18,15 +18,16 @@ SHAPES = [(64, 128), (3, 50), (5, 33), (7,), (1000,), (4097,), (2, 3, 40)]
 def bnb_nf4(w: torch.Tensor, blocksize: int):
     """bitsandbytes' packed bytes (flattened), absmax and dequantized tensor (reshaped to w).
 
-    bitsandbytes torch.compile's its Python dequantize fallback (used on CPU when the last dim is
-    odd); compiling costs ~1.5 s per new shape on a 2-core CPU, so it runs eagerly here: the same
-    ops, the same float32 math (checked identical on this machine).
+    The dequantized tensor comes from bitsandbytes' reference implementation
+    (``nf4.bnb_reference_dequantize``, run eagerly), not from its native CPU kernel, which is wrong
+    on AVX-512 CPUs when a block spans rows (TROUBLESHOOTING.md; the kernel is checked separately
+    by ``test_native_kernel_disagrees_only_where_blocks_span_rows``).
     """
     with torch.compiler.set_stance("force_eager"):
         packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
                                            compress_statistics=False)
-        deq = bnbF.dequantize_4bit(packed, state)
-    return packed.reshape(-1), state.absmax, deq.reshape(w.shape)  # even 1-D: bnb returns (1, n)
+    deq = nf4.bnb_reference_dequantize(packed, state.absmax, w.shape, blocksize, w.dtype)
+    return packed.reshape(-1), state.absmax, deq
 
 
 def weights(shape, dtype, seed=0, std=0.02):
@@ -106,6 +107,47 @@ def test_matches_bitsandbytes_every_blocksize(blocksize, dtype):
     want_packed, want_absmax, want_deq = bnb_nf4(w, blocksize)
     assert torch.equal(packed, want_packed) and torch.equal(absmax, want_absmax)
     assert torch.equal(dequantize_nf4(packed, absmax, w.shape, blocksize, dtype), want_deq)
+
+
+# --- whose defect? bitsandbytes' native CPU kernel against its own reference ---------------------
+NATIVE_CASES = [((128, 128), 256), ((256, 64), 128), ((2, 96), 64), ((64, 128), 64), ((4097,), 64),
+                ((5, 33), 64)]
+
+
+@pytest.mark.parametrize("shape,blocksize", NATIVE_CASES)
+def test_native_kernel_disagrees_only_where_blocks_span_rows(shape, blocksize):
+    """On every CPU the kit equals bitsandbytes' reference; the native kernel may differ only in
+    the defect's class (AVX-512, a block spanning rows): measured wrong on AVX-512 for the first
+    three cases, exact for the last three on every CPU."""
+    r = nf4.whose_defect(weights(shape, torch.float32), blocksize)
+    assert r["kit_ok"], r
+    assert r["native_ok"] or nf4.block_spans_rows(shape, blocksize), r
+    assert r["verdict"] in ("agree", "bitsandbytes native kernel"), r
+
+
+def test_whose_defect_blames_a_faulty_kernel_on_any_cpu(monkeypatch):
+    """Simulate the AVX-512 defect on any CPU: a dequantize_4bit that reads rows in the wrong
+    order. The kit's claim (equal to the reference) must still hold, and the verdict must name
+    bitsandbytes' kernel, not the kit."""
+    real = bnbF.dequantize_4bit
+
+    def faulty(packed, state, *a, **k):
+        out = real(packed, state, *a, **k)
+        return out.flip(0) if out.dim() == 2 and out.shape[0] > 1 else out  # rows swapped
+
+    monkeypatch.setattr(bnbF, "dequantize_4bit", faulty)
+    r = nf4.whose_defect(weights((128, 128), torch.float32), 256)
+    assert (r["kit_ok"], r["native_ok"], r["verdict"]) == (True, False, "bitsandbytes native kernel")
+    assert r["native_wrong"] > 16_000 * 0.5 and r["native_max_err"] > 0.01
+
+
+def test_whose_defect_blames_the_kit_when_the_kit_is_wrong(monkeypatch):
+    """And the other way round: a kit table off by one float32 step is the kit's defect."""
+    wrong = nf4_levels().clone()
+    wrong[15] = torch.nextafter(wrong[15], torch.tensor(0.0))
+    monkeypatch.setattr(nf4, "nf4_levels", lambda *a, **k: wrong)
+    r = nf4.whose_defect(weights((64, 128), torch.float32), 64)
+    assert (r["kit_ok"], r["verdict"]) == (False, "kit")
 
 
 def test_bitsandbytes_accepts_exactly_these_blocksizes():

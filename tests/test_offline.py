@@ -15,7 +15,7 @@ def test_assets_are_standard_hf_files(assets):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     cfg = json.loads((assets.model_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
-    # widths are multiples of 64 (PITFALLS 1: the CPU repack needs out_features % 32 == 0)
+    # widths are multiples of 64 (qlora_helpers.cpu_layout: the CPU repack needs out_features % 32 == 0)
     assert all(cfg[k] % 64 == 0 for k in ("hidden_size", "intermediate_size", "vocab_size"))
 
 
@@ -72,9 +72,54 @@ def test_task_generation_is_deterministic():
     assert offline.make_task_example(random.Random(0)) == offline.make_task_example(random.Random(0))
 
 
-def test_build_is_cached(assets, capsys):
-    again = offline.ensure_offline_assets()
-    assert again.root == assets.root and "Building" not in capsys.readouterr().out
+def test_shipped_assets_are_verified_fixed_bytes(assets):
+    """The model the committed results were made with is shipped, and every file is checked."""
+    from qlora_helpers.artifacts import verify_manifest
+    hashes = verify_manifest(offline.ASSETS_DIR)
+    assert sorted(hashes) == sorted(offline.ASSET_FILES)
+    assert assets.root == offline.ASSETS_DIR and assets.model_dir == offline.ASSETS_DIR / "model"
+
+
+def _copy_assets(tmp_path, monkeypatch):
+    import shutil
+    copy = tmp_path / "offline-v1"
+    shutil.copytree(offline.ASSETS_DIR, copy)
+    monkeypatch.setattr(offline, "ASSETS_DIR", copy)
+    return copy
+
+
+def test_altered_model_file_is_a_clear_error(tmp_path, monkeypatch):
+    import pytest
+    from qlora_helpers.artifacts import ArtifactMismatchError, sha256_file
+    copy = _copy_assets(tmp_path, monkeypatch)
+    offline.ensure_offline_assets()                       # the copy itself is fine
+    f = copy / "model" / "model.safetensors"
+    want = sha256_file(f)
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01                                      # one bit of one weight
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactMismatchError) as err:
+        offline.ensure_offline_assets()
+    msg = str(err.value)
+    assert "model.safetensors" in msg and want in msg and sha256_file(f) in msg
+    assert "git checkout -- qlora_helpers/assets" in msg
+
+
+def test_missing_file_is_a_clear_error(tmp_path, monkeypatch):
+    import pytest
+    from qlora_helpers.artifacts import ArtifactMismatchError
+    copy = _copy_assets(tmp_path, monkeypatch)
+    (copy / "data" / "test.jsonl").unlink()
+    with pytest.raises(ArtifactMismatchError, match="test.jsonl is missing"):
+        offline.ensure_offline_assets()
+
+
+def test_builder_still_runs_and_reports_what_differs(tmp_path):
+    """The builder is the documented way to a new base: a 2-step build here (the real one is 500)
+    makes the same task data (pure Python, any CPU) and a different model, and says so."""
+    differ = offline.build_offline_assets_checked(tmp_path / "b", log=lambda *_: None, pretrain_steps=2)
+    assert "model/model.safetensors" in differ
+    assert not {"data/train.jsonl", "data/test.jsonl"} & set(differ)
 
 
 def test_batched_generation_equals_one_by_one(offline_profile):

@@ -11,7 +11,7 @@ from qlora_helpers.runtime import (HubUnreachableError, compute_dtype_for, get_p
                                         ((8, 0), torch.bfloat16), ((8, 9), torch.bfloat16),
                                         ((9, 0), torch.bfloat16)])
 def test_compute_dtype_follows_capability_not_is_bf16_supported(cap, dtype, monkeypatch):
-    # A T4 answers True to is_bf16_supported() through emulation (PITFALLS 3); the rule must not ask it.
+    # A T4 answers True to is_bf16_supported() through emulation (TROUBLESHOOTING.md, "bf16 on a T4"); the rule must not ask it.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert compute_dtype_for("cuda", cap) == dtype
 

@@ -59,7 +59,7 @@ def test_packed_logits_equal_alone_only_without_cache(fp_model, tok, offline_pro
     rows = load_task_dataset(offline_profile)["test"].select(range(3))
     examples = [tokenize_chat(r, tok)["input_ids"] for r in rows]
     assert packing_error(fp_model, examples, use_cache=False) < 1e-4     # fp32 reduction-order noise
-    # PITFALLS item 2: with the cache on, transformers 5 ignores the position_ids restarts.
+    # TROUBLESHOOTING.md, "Packing is exact only without a cache": with the cache on, transformers 5 ignores the position_ids restarts.
     assert packing_error(fp_model, examples, use_cache=True) > 0.1
 
 
