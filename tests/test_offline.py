@@ -133,3 +133,17 @@ def test_batched_generation_equals_one_by_one(offline_profile):
     import pytest
     with pytest.raises(ValueError, match="at least one row"):
         exact_match(model, tok, [])
+
+
+def test_package_data_ships_every_asset():
+    """A pip install (Colab's setup cell) must carry the model: every manifest file is matched by
+    a package-data pattern in pyproject.toml (setuptools globs do not cross '/')."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+    root = Path(offline.__file__).resolve().parent
+    patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qlora_helpers"]
+    rel = offline.ASSETS_DIR.relative_to(root)
+    for f in offline.ASSET_FILES + ["MANIFEST.json"]:
+        path = str(rel / f)
+        assert any(fnmatch.fnmatch(path, p) and path.count("/") == p.count("/") for p in patterns), path
