@@ -284,7 +284,11 @@ def results_table(rows: list[dict]) -> str:
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
-    """Trailing moving average: ``smooth([1, 3, 5], 2)`` -> [1.0, 2.0, 4.0]."""
+    """Trailing moving average.
+
+    >>> smooth([1, 3, 5], 2)
+    [1.0, 2.0, 4.0]
+    """
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 

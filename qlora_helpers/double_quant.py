@@ -201,7 +201,9 @@ def dequantize_nf4_dq(packed: torch.Tensor, state: DoubleQuantState, shape: Sequ
 # ---------------------------------------------------------------------------------------------
 def bits_per_param(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = DQ_BLOCKSIZE) -> float:
     """Storage per weight in the limit of a large matrix.
-    ``bits_per_param(64, False)`` -> 4.5; ``bits_per_param(64, True)`` -> 4.127 (4.12695...).
+
+    >>> bits_per_param(64, False), bits_per_param(64, True)  # the QLoRA paper: 4.5 and 4.127
+    (4.5, 4.126953125)
 
     Args:
         blocksize: weights per NF4 absmax (64).

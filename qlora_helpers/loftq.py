@@ -121,7 +121,11 @@ def _check_rank(r: int, shape) -> None:
 # LoftQ in a PEFT model on a bitsandbytes 4-bit base
 # ---------------------------------------------------------------------------------------------
 def _fp_name(peft_name: str) -> str:
-    """``base_model.model.model.layers.0.mlp.up_proj`` -> ``model.layers.0.mlp.up_proj``."""
+    """The full-precision model's name of a PEFT model's layer.
+
+    >>> _fp_name("base_model.model.model.layers.0.mlp.up_proj")
+    'model.layers.0.mlp.up_proj'
+    """
     return peft_name.removeprefix("base_model.model.")
 
 

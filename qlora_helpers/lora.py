@@ -70,14 +70,19 @@ def relative_error_by_rank(delta: torch.Tensor, ranks: Iterable[int]) -> list[fl
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """The factor in front of ``B @ A``: ``alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA).
-    ``lora_scaling(16, 8)`` -> 2.0; ``lora_scaling(16, 64, use_rslora=True)`` -> 2.0."""
+
+    >>> lora_scaling(16, 8), lora_scaling(16, 64), lora_scaling(16, 64, use_rslora=True)
+    (2.0, 0.25, 2.0)
+    """
     _check_rank(r)
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def linear_param_counts(in_features: int, out_features: int, r: int) -> tuple[int, int]:
     """(full update, LoRA update) parameter counts for one linear layer.
-    ``linear_param_counts(4096, 4096, 16)`` -> (16777216, 131072): 128x fewer.
+
+    >>> linear_param_counts(4096, 4096, 16)  # 128x fewer
+    (16777216, 131072)
 
     Returns:
         ``(out * in, r * (in + out))``: a dense ΔW versus A (r, in) plus B (out, r).

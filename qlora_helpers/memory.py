@@ -159,8 +159,11 @@ def _key(config) -> str:
 
 
 def count_params(config) -> int:
-    """Exact parameter count, tied embeddings counted once: ``count_params("llama-2-7b")`` ->
-    6,738,415,616. Builds the model on the meta device (no memory, no download).
+    """Exact parameter count, tied embeddings counted once. Builds the model on the meta device
+    (no memory, no download).
+
+    >>> count_params("llama-2-7b")  # the published "7B"
+    6738415616
 
     Args:
         config: anything :func:`load_config` accepts.

@@ -176,7 +176,11 @@ def _lora_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _target_module(key: str) -> tuple[str, str]:
-    """``base_model.model.model.layers.0.mlp.up_proj.lora_A.weight`` -> (module name, "lora_A")."""
+    """(module name, "lora_A" or "lora_B") of an adapter tensor's key.
+
+    >>> _target_module("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight")
+    ('model.layers.0.mlp.up_proj', 'lora_A')
+    """
     name, kind, _ = key.rsplit(".", 2)
     return name.removeprefix("base_model.model."), kind
 
@@ -334,7 +338,11 @@ def logit_gap(ref: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> dic
 
 
 def agreement(answers: list[str], reference: list[str]) -> float:
-    """Share of greedy answers identical to the reference answers. ``agreement(["a"], ["a"])`` -> 1.0"""
+    """Share of greedy answers identical to the reference answers.
+
+    >>> agreement(["17/03/2024", "01/01/2000"], ["17/03/2024", "02/01/2000"])
+    0.5
+    """
     if len(answers) != len(reference) or not answers:
         raise ValueError(f"need two equally long, non-empty answer lists, got {len(answers)} and {len(reference)}")
     return sum(a == b for a, b in zip(answers, reference)) / len(answers)

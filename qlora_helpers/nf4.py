@@ -72,7 +72,10 @@ TINY = 1e-38  # bitsandbytes' floor for absmax before dividing (Note: tail)
 # ---------------------------------------------------------------------------------------------
 def paper_offset(n_neg_levels: int = 15, n_pos_levels: int = 16) -> float:
     """The outermost probability of the NF4 table, halfway between the symmetric choices for 15
-    and 16 levels: ``paper_offset()`` -> 0.96770833... (bitsandbytes writes 0.9677083).
+    and 16 levels (bitsandbytes writes 0.9677083):
+
+    >>> round(paper_offset(), 10)
+    0.9677083333
 
     Quantile ``i`` of ``k`` equal-probability bins sits at probability ``(i + 1/2) / k``; the last
     one at ``1 - 1/(2k)``. Using it instead of 1 keeps the top level finite (ndtri(1) = inf).
@@ -88,7 +91,9 @@ def paper_offset(n_neg_levels: int = 15, n_pos_levels: int = 16) -> float:
 
 def normal_quantiles(offset: float, n: int) -> torch.Tensor:
     """Quantiles of N(0, 1) at ``n`` evenly spaced probabilities from ``offset`` down to 0.5.
-    ``normal_quantiles(0.9677083, 9)`` -> [1.848, 1.286, ..., 0.147, 0.0].
+
+    >>> [round(q, 3) for q in normal_quantiles(0.9677083, 9).tolist()]
+    [1.848, 1.336, 1.04, 0.814, 0.625, 0.455, 0.297, 0.147, 0.0]
 
     Args:
         offset: the largest probability, in (0.5, 1).
@@ -139,8 +144,12 @@ def int4_levels() -> torch.Tensor:
 
 
 def midpoints(levels: torch.Tensor) -> torch.Tensor:
-    """Decision boundaries between adjacent levels: ``midpoints(torch.tensor([-1., 0., 1.]))`` ->
-    [-0.5, 0.5]. Args: levels (k,) ascending. Returns: (k - 1,) in the levels' dtype."""
+    """Decision boundaries between adjacent levels. Args: levels (k,) ascending. Returns: (k - 1,)
+    in the levels' dtype.
+
+    >>> midpoints(torch.tensor([-1.0, 0.0, 1.0])).tolist()
+    [-0.5, 0.5]
+    """
     return (levels[:-1] + levels[1:]) / 2  # (k - 1,)
 
 
@@ -273,7 +282,9 @@ def roundtrip(w: torch.Tensor, levels: torch.Tensor, blocksize: int = DEFAULT_BL
 # ---------------------------------------------------------------------------------------------
 def pack_nibbles(codes: torch.Tensor, pad_code: int = 7) -> torch.Tensor:
     """Two 4-bit codes per byte, the first in the high nibble (Note: nibbles).
-    ``pack_nibbles(torch.tensor([15, 0, 7]))`` -> tensor([240, 119]) (0xF0, 0x77).
+
+    >>> [hex(b) for b in pack_nibbles(torch.tensor([15, 0, 7])).tolist()]  # 7 pads the odd count
+    ['0xf0', '0x77']
 
     Args:
         codes: int (n,) in [0, 16).
@@ -421,7 +432,10 @@ def quantization_error(w: torch.Tensor, levels: torch.Tensor,
 
 
 def bits_per_param(blocksize: int, code_bits: int = 4, absmax_bits: int = 32) -> float:
-    """Storage per weight: ``bits_per_param(64)`` -> 4.5 (4-bit code + one fp32 absmax per 64).
+    """Storage per weight: a 4-bit code plus one fp32 absmax per block.
+
+    >>> bits_per_param(64), bits_per_param(4096)
+    (4.5, 4.0078125)
 
     Args:
         blocksize: values sharing one absmax.

@@ -74,7 +74,12 @@ PROMPTS = [
 
 
 def make_task_example(rng: random.Random) -> dict:
-    """One chat example. ``make_task_example(random.Random(0))["answer"]`` -> e.g. ``'25/07/1987'``."""
+    """One chat example.
+
+    >>> ex = make_task_example(random.Random(0))
+    >>> ex["answer"], ex["messages"][1]["content"] == ex["answer"]
+    ('02/07/1998', True)
+    """
     year, month, day = rng.randint(1900, 2099), rng.randint(1, 12), rng.randint(1, 28)
     iso = f"{year:04d}-{month:02d}-{day:02d}"
     answer = f"{day:02d}/{month:02d}/{year:04d}"

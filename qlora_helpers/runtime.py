@@ -44,7 +44,11 @@ class HubUnreachableError(RuntimeError):
 
 
 def compute_dtype_for(device: str, capability: tuple[int, int] | None = None) -> torch.dtype:
-    """``compute_dtype_for("cuda", (7, 5))`` -> ``torch.float16`` (T4: no native bf16)."""
+    """The compute dtype for a device (and a GPU's compute capability).
+
+    >>> compute_dtype_for("cuda", (7, 5)), compute_dtype_for("cuda", (8, 0))  # T4: no native bf16
+    (torch.float16, torch.bfloat16)
+    """
     if device == "cpu":
         return torch.float32
     if capability is None:

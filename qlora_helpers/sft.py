@@ -259,8 +259,11 @@ def tokens_per_second(model, batches: list[dict]) -> dict[str, float]:
 # LoRA-FA, counting saved activations, many short runs)
 # ----------------------------------------------------------------------------------------------
 def warmup_lr(step: int, lr: float, warmup: int = 10) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant (the Trainer's ``constant_with_warmup``):
-    ``warmup_lr(0, 1.0, 10)`` -> 0.1, ``warmup_lr(9, 1.0, 10)`` -> 1.0."""
+    """Linear warm-up over ``warmup`` steps, then constant (the Trainer's ``constant_with_warmup``).
+
+    >>> [warmup_lr(s, 1.0, 10) for s in (0, 4, 9, 100)]
+    [0.1, 0.5, 1.0, 1.0]
+    """
     return lr * min(1.0, (step + 1) / warmup)
 
 

@@ -72,7 +72,8 @@ def tokenize_dataset(ds, tok, max_length: int = 128):
 def show_labels(example: dict[str, list[int]], tok) -> str:
     """The trained-on text: label tokens decoded, each run of ``-100`` shown as one ``[-100 x n]``.
 
-    ``show_labels({"input_ids": [5, 6, 7], "labels": [-100, -100, 7]}, tok)`` -> ``'[-100 x 2]' + tok.decode([7])``
+    Labels ``[-100, -100, 7]`` show as ``'[-100 x 2]'`` followed by ``tok.decode([7])``
+    (``tests/test_sft.py`` checks it with the kit's tokenizer).
     """
     out, run = [], 0
     for t in example["labels"] + [None]:

@@ -52,7 +52,9 @@ def test_short_run_trains_and_lorafa_keeps_a_fixed(offline_profile, data):
     fa = ab.run_variant(offline_profile, ab.make_variant("fa", optimizer="lorafa"), 6, 0, data)
     assert len(base["losses"]) == 6 and all(math.isfinite(x) for x in base["losses"])
     assert base["eval_loss"] < base["init_loss"]  # 6 steps at lr 3e-3 move the held-out loss
-    assert 0.0 <= base["exact_match"] <= 1.0
+    # 6 steps cannot teach the task (the full grid's 300 reach 0.88): an exact match above 0 here would
+    # mean the metric counts wrong answers (notebook 04 checks the other side: 1.00 after training)
+    assert base["exact_match"] == 0.0
     assert fa["trainable"] < base["trainable"] and fa["state_bytes"] < base["state_bytes"]
     assert fa["activation_bytes"] < base["activation_bytes"]  # A frozen: its input is not saved
 
@@ -107,3 +109,11 @@ def test_a_different_base_is_reported_as_such(offline_profile):
     meta, _ = ab.load_results(ab.FULL_RESULTS)
     with pytest.raises(ab.DifferentBaseError, match="made on another base.*git checkout"):
         ab.check_same_base({**meta, "base": "0" * 64}, offline_profile)
+
+
+def test_verdict_words_follow_the_rule():
+    rows = [{"name": n, "v": v} for n, v in [("a", 1.0), ("a", 1.2), ("b", 2.0), ("b", 2.2), ("c", 1.1)]]
+    assert ab.verdict(rows, "a", "b", "v") == ("a vs b: v 1.100 ± 0.141 vs 2.100 ± 0.141 over 2 seeds: "
+                                               "difference larger than 2 std")
+    assert ab.verdict(rows, "a", "c", "v") == "a vs c: v 1.100 vs 1.100, not enough seeds to judge"
+    assert ab.separated(rows, "a", "c", "v") is None

@@ -23,7 +23,7 @@ def lora_4bit(profile, seed: int = 0, r: int = R):
     from qlora_helpers.runtime import load_model
     from qlora_helpers.sft import lora_config
     torch.manual_seed(seed)
-    model = get_peft_model(M.keep_standard_layout(load_model(profile)), lora_config(r=r, lora_alpha=2 * r))
+    model = get_peft_model(load_model(profile), lora_config(r=r, lora_alpha=2 * r))  # load_model: no CPU repack
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -222,3 +222,26 @@ def test_adapter_bytes_checker_waits_passes_and_fails(capsys):
     assert M.check_adapter_bytes(want, cfg, r=4) is True
     with pytest.raises(AssertionError, match="count r"):
         M.check_adapter_bytes(want + 4, cfg, r=4)
+
+
+def test_exercise_checker_for_the_merged_layer(offline_profile, capsys):
+    """Notebook 05's exercise 1 checker: a right answer passes on every layer, a placeholder is
+    'not attempted', and the classic mistake (forgetting the alpha / r scaling) fails."""
+    from bitsandbytes.functional import dequantize_4bit
+    model = lora_4bit(offline_profile)
+
+    def right(layer):
+        base = layer.get_base_layer()
+        w = dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        return w + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+
+    def no_scaling(layer):
+        base = layer.get_base_layer()
+        w = dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        return w + layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+
+    assert M.check_merged_layer(right, model) is True
+    assert M.check_merged_layer(lambda layer: None, model) is False
+    assert "not attempted" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="wrong merged weight"):
+        M.check_merged_layer(no_scaling, model)
