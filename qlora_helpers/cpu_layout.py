@@ -32,10 +32,15 @@ import copy
 import torch.nn as nn
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` (NF4 or FP4)."""
+    import bitsandbytes as bnb
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
 def linear4bit_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: bitsandbytes.nn.Linear4bit}`` for every 4-bit layer of ``model``."""
-    import bitsandbytes as bnb
-    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return {n: m for n, m in model.named_modules() if is_4bit(m)}
 
 
 def is_repacked(module: nn.Module) -> bool:

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cpu_layout import (  # noqa: F401  (re-exported: notebook 05 teaches the trap with them)
-    is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
+    is_4bit, is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
     simulate_cpu_repack, standard_layout)
 from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
 
@@ -242,16 +242,11 @@ def _merged_weight(module: nn.Module) -> torch.Tensor | None:
     if isinstance(module, LoraLayer):
         inner = module.get_base_layer()
         return _base_weight(inner) + _lora_delta(module)  # (out, in)
-    return _base_weight(module) if _is_4bit(module) else None
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    import bitsandbytes as bnb
-    return isinstance(module, bnb.nn.Linear4bit)  # the same test as cpu_layout.linear4bit_modules
+    return _base_weight(module) if is_4bit(module) else None
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
-    if _is_4bit(module):
+    if is_4bit(module):
         return dequantize_weight(module)  # safe whatever the layout (cpu_layout)
     return module.weight.detach().float()
 

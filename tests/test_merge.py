@@ -68,7 +68,7 @@ def test_merge_to_fp_equals_peft_merge_on_dequantized_base(offline_profile, tmp_
     base = model.get_base_model()
     with torch.no_grad():
         for name, m in base.named_modules():
-            if M._is_4bit(m):
+            if M.is_4bit(m):
                 fp.get_submodule(name.removesuffix(".base_layer")).weight.copy_(M.dequantize_weight(m))
     want = lora_weights(M.merge_into_base(fp, tmp_path / "a"))
     got = lora_weights(M.merge_to_fp(model))
