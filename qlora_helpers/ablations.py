@@ -41,7 +41,6 @@ reduced grid unless ``QLORA_KIT_FULL_GRID=1``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -52,6 +51,7 @@ import torch
 
 from . import sft, sft_data
 from .evaluation import exact_match
+from .recipe import ABLATION_BASELINE, Recipe
 
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
 # The full grid as the kit measured it (``--full``, two shards ``--combine``d); notebook 06 reads it.
@@ -61,11 +61,14 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj
 INITS = ("default", "loftq")
 CURVES = ["r4", "r16", "r64", "r64-rs", "qv", "lorafa", "dora"]  # the full grid's loss-curve figure
 OPTIMIZERS = ("adamw", "lorafa")
-# The baseline every variant changes one thing of: r 16, alpha 16 (the QLoRA paper's alpha),
-# all linear layers, PEFT's default init, AdamW at the kit's fast CPU learning rate.
-BASELINE = {"r": 16, "lora_alpha": 16, "targets": "all-linear", "use_rslora": False,
-            "init": "default", "loftq_iter": 1, "optimizer": "adamw", "use_dora": False,
-            "lr": 3e-3, "lora_dropout": 0.0}
+# The baseline every variant changes one thing of: the recipe ABLATION_BASELINE (r 16, alpha 16,
+# the QLoRA paper's alpha; no dropout; lr 3e-3, the kit's fast CPU rate) on all linear layers,
+# PEFT's default init and AdamW. A variant is a flat dict (what the results file stores); its
+# LoRA and training numbers become a Recipe in variant_recipe, which checks them.
+BASELINE = {"r": ABLATION_BASELINE.r, "lora_alpha": ABLATION_BASELINE.lora_alpha, "targets": "all-linear",
+            "use_rslora": ABLATION_BASELINE.use_rslora, "init": "default", "loftq_iter": 1,
+            "optimizer": "adamw", "use_dora": ABLATION_BASELINE.use_dora, "lr": ABLATION_BASELINE.lr,
+            "lora_dropout": ABLATION_BASELINE.lora_dropout}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,14 +84,21 @@ def make_variant(name: str, **changes) -> dict:
     if unknown:
         raise ValueError(f"unknown variant setting(s) {sorted(unknown)}; known: {sorted(BASELINE)}")
     v = {"name": name, **BASELINE, **changes}
-    if not isinstance(v["r"], int) or v["r"] <= 0:
-        raise ValueError(f"variant {name!r}: r must be a positive int, got {v['r']!r}")
     for key, allowed in (("targets", tuple(TARGETS)), ("init", INITS), ("optimizer", OPTIMIZERS)):
         if v[key] not in allowed:
             raise ValueError(f"variant {name!r}: {key}={v[key]!r} is not one of {allowed}")
-    if v["lr"] <= 0 or v["lora_alpha"] <= 0:
-        raise ValueError(f"variant {name!r}: lr and lora_alpha must be > 0, got {v['lr']}, {v['lora_alpha']}")
+    try:
+        variant_recipe(v)  # the recipe's own checks: r a positive int, lr and alpha > 0, ...
+    except ValueError as err:
+        raise ValueError(f"variant {name!r}: {err}") from None
     return v
+
+
+def variant_recipe(variant: dict, steps: int | None = None) -> Recipe:
+    """The variant's LoRA and training numbers as a :class:`~qlora_helpers.recipe.Recipe`."""
+    changes = {k: variant[k] for k in ("r", "lora_alpha", "lora_dropout", "lr", "use_rslora", "use_dora")}
+    return ABLATION_BASELINE.replace(target_modules=TARGETS[variant["targets"]], **changes,
+                                     **({"steps": steps} if steps else {}))
 
 
 def rank_variants(ranks=(4, 16, 64)) -> list[dict]:
@@ -105,10 +115,8 @@ def method_variants() -> list[dict]:
 
 
 def lora_config_for(variant: dict):
-    """The PEFT ``LoraConfig``: :func:`qlora_helpers.sft.lora_config` with targets, rsLoRA, DoRA."""
-    base = sft.lora_config(variant["r"], variant["lora_alpha"], variant["lora_dropout"])
-    return dataclasses.replace(base, target_modules=TARGETS[variant["targets"]],
-                               use_rslora=variant["use_rslora"], use_dora=variant["use_dora"])
+    """The variant's PEFT ``LoraConfig`` (targets, rank, alpha, rsLoRA, DoRA): its recipe's."""
+    return variant_recipe(variant).lora_config()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,8 +170,9 @@ def make_optimizer(model, variant: dict):
         from peft.optimizers import create_lorafa_optimizer
         return create_lorafa_optimizer(model, r=variant["r"], lora_alpha=variant["lora_alpha"],
                                        lr=variant["lr"])
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=variant["lr"],
-                             weight_decay=0.0)
+    recipe = variant_recipe(variant)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
+                             weight_decay=recipe.weight_decay)
 
 
 def state_bytes(model, optimizer) -> int:
@@ -220,8 +229,9 @@ def run_variant(profile, variant: dict, steps: int, seed: int, data: TaskData | 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # after LoRA-FA froze A
     if torch.cuda.is_available():  # on a GPU, also the allocator's peak (base and all) while training
         torch.cuda.reset_peak_memory_stats()
-    log = sft.train_loop(model, optimizer, train_batches(data, steps, seed), variant["lr"],
-                         count_activations=True)
+    recipe = variant_recipe(variant, steps)
+    log = sft.train_loop(model, optimizer, train_batches(data, steps, seed), recipe.lr,
+                         recipe.warmup_steps, recipe.max_grad_norm, count_activations=True)
     em, _ = exact_match(model, data.tok, data.test_rows)
     return {**variant, "seed": seed, "steps": steps, "trainable": trainable, "init_loss": init_loss,
             "init_logit_err": init_err, "losses": log["losses"],

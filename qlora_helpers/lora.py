@@ -351,17 +351,17 @@ def copy_lora_to_peft(state: dict[str, tuple[torch.Tensor, torch.Tensor]], peft_
 def chat_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Chat rows (``{"messages": [...]}``) as one right-padded batch, trained on every token.
 
-    The rows are tokenized with :func:`qlora_helpers.sft_data.tokenize_chat` (the chat template,
-    up to the assistant's EOS) and padded with :func:`~qlora_helpers.sft_data.padded_collator`;
-    unlike SFT in notebook 04, the labels keep the prompt tokens too: this loop teaches LoRA, not
-    loss masking.
+    The rows are tokenized with :func:`qlora_helpers.chat_data.conversation_ids` (the chat
+    template, up to the assistant's EOS) and padded with
+    :func:`~qlora_helpers.chat_data.padded_collator`; unlike SFT in notebook 04, the labels keep
+    the prompt tokens too: this loop teaches LoRA, not loss masking.
 
     Returns:
         ``input_ids`` and ``attention_mask`` (batch, seq), and ``labels`` = input_ids with
         padding set to -100 (ignored by the loss).
     """
-    from .sft_data import padded_collator, tokenize_chat
-    ids = [tokenize_chat(r, tokenizer)["input_ids"] for r in rows]
+    from .chat_data import conversation_ids, padded_collator
+    ids = [conversation_ids(r, tokenizer)[0] for r in rows]
     return padded_collator(tokenizer, None)([{"input_ids": x, "labels": x} for x in ids])
 
 

@@ -22,7 +22,8 @@ What it teaches (notebook ``05_merge_and_export``):
    Note (bf16 absmax): the repack rounds the absmax to bf16 and the inverse re-quantizes it to
    8 bits; that precision is gone, so a merge after a real repack equals a fresh merge only to
    ~1e-3 relative (``tests/test_merge.py`` states the bound), not bit for bit.
-5. Adapters that do not fit the base fail early and by name (:func:`check_adapter_matches`).
+5. Adapters that do not fit the base fail early and by name (:mod:`qlora_helpers.adapters`,
+   re-exported here: :func:`check_adapter_matches`, :func:`load_adapter`, :func:`save_adapter`).
 
 Papers: QLoRA, Dettmers et al. 2023, arXiv:2305.14314; LoRA, Hu et al. 2021, arXiv:2106.09685.
 
@@ -34,90 +35,69 @@ double quantization (:mod:`qlora_helpers.nf4`, :mod:`qlora_helpers.double_quant`
 from __future__ import annotations
 
 import copy
-import json
-import math
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adapters import (  # noqa: F401  (re-exported: notebook 05 loads and checks adapters with them)
+    ADAPTER_NAME, NB04_ADAPTER, AdapterMismatchError, adapter_dir, base_info, check_adapter_matches,
+    load_adapter, save_adapter)
 from .cpu_layout import (  # noqa: F401  (re-exported: notebook 05 teaches the trap with them)
     is_4bit, is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
     simulate_cpu_repack, standard_layout)
 from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
-
-ADAPTER_NAME = "date-r16-all-linear"  # the kit's task adapter, saved under $QLORA_KIT_CACHE/adapters
-TRAIN_RECIPE = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lr": 3e-3, "batch_size": 16}
-
-
-class AdapterMismatchError(ValueError):
-    """The adapter was trained on a different base (model type, layer names or shapes)."""
-
+from .recipe import KIT_LOOP, Recipe
 
 # ---------------------------------------------------------------------------------------------
 # 1. The adapter to merge: trained once on the 4-bit base, cached as safetensors
 # ---------------------------------------------------------------------------------------------
-def adapter_dir(name: str = ADAPTER_NAME) -> Path:
-    """``$QLORA_KIT_CACHE/adapters/<name>`` (the folder may not exist yet)."""
-    from .offline import cache_root
-    return cache_root() / "adapters" / name
-
-
-def train_adapter(model, tok, rows, steps: int, lr: float = TRAIN_RECIPE["lr"],
-                  batch_size: int = TRAIN_RECIPE["batch_size"], seed: int = 0) -> list[float]:
+def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
     """AdamW on the trainable (LoRA) weights over chat rows, with the kit's plain loop
-    (:func:`qlora_helpers.sft.train_loop`: 10 warm-up steps, then constant ``lr``, grad norm 0.3).
+    (:func:`qlora_helpers.sft.train_loop`: linear warm-up, then constant lr, gradients clipped).
 
     Args:
         model: a ``PeftModel`` (only its LoRA weights require grad). tok: its tokenizer.
-        rows: a ``datasets.Dataset`` with ``messages``. steps: optimizer steps.
-        lr, batch_size, seed: the recipe; ``seed`` fixes the batch order.
+        rows: a ``datasets.Dataset`` with ``messages``.
+        recipe: steps, lr, warm-up, clipping, weight decay, batch size and seed (the batch order).
     Returns:
         The loss of every step. The model is left in eval mode.
     """
     from .sft import train_loop
     from .sft_data import shuffled_batches, tokenize_dataset
-    batches = shuffled_batches(tokenize_dataset(rows, tok), tok, steps, seed, batch_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    losses = train_loop(model, opt, batches, lr)["losses"]
+    batches = shuffled_batches(tokenize_dataset(rows, tok), tok, recipe.steps, recipe.seed, recipe.batch_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
+                            weight_decay=recipe.weight_decay)
+    losses = train_loop(model, opt, batches, recipe.lr, recipe.warmup_steps, recipe.max_grad_norm)["losses"]
     opt.zero_grad(set_to_none=True)
     model.eval()
     return losses
 
 
-# Notebook 04 saves the adapter it trained under this name; notebook 05 merges it (and trains a
-# stand-in with :func:`train_adapter` only when 05 runs before 04 has).
-NB04_ADAPTER = "date-r16-all-linear-04"
-
-
-def task_adapter(profile, steps: int = 300, name: str | None = None, retrain: bool = False):
-    """The date-task adapter (LoRA r=16 on all linear layers) on the profile's 4-bit base.
+def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, retrain: bool = False):
+    """The date-task adapter (LoRA on all linear layers) on the profile's 4-bit base.
 
     Loads ``$QLORA_KIT_CACHE/adapters/<name>`` if it is there, else trains it with
-    :func:`train_adapter` (the offline profile: ~1 min on one CPU core) and saves it
+    :func:`train_adapter` (the offline profile: about a minute on one CPU core) and saves it
     (``adapter_model.safetensors`` + ``adapter_config.json``).
 
     Args:
-        profile: a :class:`qlora_helpers.runtime.Profile`. steps: optimizer steps if training.
+        profile: a :class:`qlora_helpers.runtime.Profile`. recipe: what to train if training.
         name: cache folder name (default: ``date-r16-all-linear-<steps>``). retrain: ignore the cache.
     Returns:
         ``(peft_model, info)``: the model in eval mode (its base loaded by ``load_model``, so the
         CPU repack is switched off), and ``{"path", "trained", "losses"}``.
     """
     from .runtime import load_model, load_task_dataset, load_tokenizer
-    from .sft import lora_config
-    path = adapter_dir(name or f"{ADAPTER_NAME}-{steps}")
+    path = adapter_dir(name or f"{ADAPTER_NAME}-{recipe.steps}")
     base = load_model(profile)  # 4-bit, CPU repack switched off (qlora_helpers.cpu_layout)
     if (path / "adapter_config.json").exists() and not retrain:
         return load_adapter(base, path), {"path": path, "trained": False, "losses": []}
     from peft import get_peft_model
-    torch.manual_seed(0)
-    cfg = lora_config(r=TRAIN_RECIPE["r"], lora_alpha=TRAIN_RECIPE["lora_alpha"],
-                      lora_dropout=TRAIN_RECIPE["lora_dropout"])
-    model = get_peft_model(base, cfg)  # 4-bit base frozen, A and B trainable (fp32)
-    losses = train_adapter(model, load_tokenizer(profile), load_task_dataset(profile)["train"], steps)
+    torch.manual_seed(recipe.seed)  # lora_A's random init
+    model = get_peft_model(base, recipe.lora_config())  # 4-bit base frozen, A and B trainable (fp32)
+    losses = train_adapter(model, load_tokenizer(profile), load_task_dataset(profile)["train"], recipe)
     save_adapter(model, path)  # safetensors by default
     return model, {"path": path, "trained": True, "losses": losses}
 
@@ -149,84 +129,7 @@ def kit_dequantize_weight(module: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Does the adapter fit the base? (checked before anything is loaded or written)
-# ---------------------------------------------------------------------------------------------
-BASE_INFO_FILE = "kit_base.json"  # written beside an adapter by save_adapter: what it was trained on
-
-
-def base_info(model: nn.Module) -> dict:
-    """The facts about a base model an adapter depends on: model type and layer sizes."""
-    c = model.config
-    return {"model_type": c.model_type, "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size}
-
-
-def save_adapter(model, path: str | Path) -> Path:
-    """``save_pretrained`` (adapter_model.safetensors + adapter_config.json) plus ``kit_base.json``."""
-    path = Path(path)
-    model.save_pretrained(path)
-    (path / BASE_INFO_FILE).write_text(json.dumps(base_info(model.get_base_model()), indent=1))
-    return path
-
-
-def _lora_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def _target_module(key: str) -> tuple[str, str]:
-    """(module name, "lora_A" or "lora_B") of an adapter tensor's key.
-
-    >>> _target_module("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight")
-    ('model.layers.0.mlp.up_proj', 'lora_A')
-    """
-    name, kind, _ = key.rsplit(".", 2)
-    return name.removeprefix("base_model.model."), kind
-
-
-def check_adapter_matches(model: nn.Module, path: str | Path) -> None:
-    """Raise :class:`AdapterMismatchError` naming the first mismatch between the adapter in
-    ``path`` and the base ``model`` (model type and sizes from ``kit_base.json`` if present; every
-    LoRA tensor's module must exist with ``lora_A`` (r, in) and ``lora_B`` (out, r) matching)."""
-    path = Path(path)
-    if not (path / "adapter_config.json").exists():
-        raise AdapterMismatchError(f"{path} holds no adapter_config.json: not a PEFT adapter folder")
-    r = json.loads((path / "adapter_config.json").read_text())["r"]
-    if (path / BASE_INFO_FILE).exists():
-        want, have = json.loads((path / BASE_INFO_FILE).read_text()), base_info(model)
-        bad = {k: (want[k], have.get(k)) for k in want if want[k] != have.get(k)}
-        if bad:
-            raise AdapterMismatchError(f"adapter {path.name} was trained on another base: "
-                                       + ", ".join(f"{k} {a!r} (adapter) != {b!r} (model)"
-                                                   for k, (a, b) in bad.items()))
-    modules = dict(model.named_modules())
-    for key, shape in _lora_tensor_shapes(path).items():
-        name, kind = _target_module(key)
-        _check_lora_shape(modules.get(name), name, kind, shape, r, path.name)
-
-
-def _check_lora_shape(module, name: str, kind: str, shape: tuple, r: int, adapter: str) -> None:
-    if module is None:
-        raise AdapterMismatchError(f"adapter {adapter} has weights for {name!r}, which the base "
-                                   f"model does not have (another architecture?)")
-    out_f, in_f = module.out_features, module.in_features
-    want = (r, in_f) if kind == "lora_A" else (out_f, r)
-    if tuple(shape) != want:
-        raise AdapterMismatchError(
-            f"adapter {adapter}: {name}.{kind} has shape {tuple(shape)}, but the base layer is "
-            f"{in_f} -> {out_f} with r={r}, so it must be {want}: trained on another base?")
-
-
-def load_adapter(base: nn.Module, path: str | Path):
-    """:func:`check_adapter_matches`, then ``PeftModel.from_pretrained(base, path)``, eval mode."""
-    from peft import PeftModel
-    check_adapter_matches(base, path)
-    return PeftModel.from_pretrained(base, str(path)).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Three ways to merge
+# 3. Three ways to merge
 # ---------------------------------------------------------------------------------------------
 def _lora_delta(layer) -> torch.Tensor:
     """ΔW = scaling * B @ A of a PEFT LoRA layer's active adapter, fp32 (out, in)."""
@@ -311,7 +214,7 @@ def merge_into_4bit(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Measuring the difference
+# 4. Measuring the difference
 # ---------------------------------------------------------------------------------------------
 def conversation_texts(tok, rows) -> list[str]:
     """Each row's full conversation (prompt and answer) in the chat template: the logits to compare."""
@@ -363,7 +266,7 @@ def quantization_vs_update(model, fp_model) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Export
+# 5. Export
 # ---------------------------------------------------------------------------------------------
 def folder_bytes(path: str | Path) -> int:
     """Total size of the files in ``path`` (recursively), in bytes."""
@@ -383,7 +286,7 @@ def save_merged(model, tok, path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Exercise checkers (notebook 05, "Exercises")
+# 6. Exercise checkers (notebook 05, "Exercises")
 # ---------------------------------------------------------------------------------------------
 def check_merged_layer(merged_weight_fn, model) -> bool:
     """``merged_weight_fn(lora_layer) -> (out, in) tensor``: W + ΔW of one PEFT LoRA layer on a

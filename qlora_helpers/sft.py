@@ -13,10 +13,9 @@ for the CPU (offline profile) and a GPU (gpu profile):
   (:class:`TrainingAlarm` otherwise), gradient norm recorded; :func:`base_fingerprint` proves the
   4-bit base stays byte-for-byte unchanged.
 
-The paper's hyperparameters (:data:`QLORA_PAPER`) are taken from its reference trainer
-(github.com/artidoro/qlora: ``qlora.py``'s defaults, optim "paged_adamw_32bit", and the per-size
-scripts ``scripts/finetune_guanaco_*b.sh``: lora_r 64, lora_alpha 16, max_grad_norm 0.3, constant
-schedule, gradient checkpointing, batch 4 x 4 accumulation). Data preparation lives in :mod:`qlora_helpers.sft_data`.
+Every number of a run comes from one :class:`qlora_helpers.recipe.Recipe` (the kit's
+:data:`~qlora_helpers.recipe.KIT_SFT`, the paper's :data:`~qlora_helpers.recipe.QLORA_PAPER`
+presets). Data preparation lives in :mod:`qlora_helpers.sft_data`.
 """
 from __future__ import annotations
 
@@ -27,18 +26,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-# The QLoRA paper's own choices, as its reference scripts set them (github.com/artidoro/qlora,
-# scripts/finetune_guanaco_{7b,13b,33b,65b}.sh, read 2026-11-22). The 13B script uses dropout 0.05.
-QLORA_PAPER = {
-    "r": 64, "lora_alpha": 16, "target_modules": "all linear layers (--lora_modules all)",
-    "lora_dropout": "0.1 (7B) / 0.05 (13B, 33B, 65B)",
-    "learning_rate": "2e-4 (7B, 13B) / 1e-4 (33B, 65B)",
-    "lr_scheduler_type": "constant (warmup_ratio 0.03)", "max_grad_norm": 0.3,
-    "optim": "paged AdamW (paged_adamw_32bit in the reference code)",
-    "batch size": "16 (4 per device x 4 accumulation steps), every size",
-}
-# The kit's starting point: a smaller rank with alpha = 2r (scaling 2), the common PEFT recipe.
-KIT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+from .recipe import KIT_SFT, Recipe, recipe_for
 
 
 class TrainingAlarm(RuntimeError):
@@ -48,8 +36,10 @@ class TrainingAlarm(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # The recipe
 # ----------------------------------------------------------------------------------------------
-def lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05):
-    """A PEFT ``LoraConfig`` on all linear layers (QLoRA's choice; the output head excluded).
+def lora_config(r: int = KIT_SFT.r, lora_alpha: float = KIT_SFT.lora_alpha,
+                lora_dropout: float = KIT_SFT.lora_dropout):
+    """A PEFT ``LoraConfig`` on all linear layers (QLoRA's choice; the output head excluded):
+    :data:`qlora_helpers.recipe.KIT_SFT` with these three numbers, checked there.
 
     Args:
         r: adapter rank. lora_alpha: scale numerator (update scaled by ``lora_alpha / r``).
@@ -57,11 +47,7 @@ def lora_config(r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05):
     Returns:
         ``peft.LoraConfig`` for a causal LM.
     """
-    from peft import LoraConfig
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    return KIT_SFT.replace(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout).lora_config()
 
 
 def prepare_qlora_model(model, config, gradient_checkpointing: bool = True):
@@ -86,21 +72,24 @@ def precision_flags(profile) -> dict[str, bool]:
             "fp16": profile.compute_dtype == torch.float16}
 
 
-def training_arguments(profile, output_dir: str, **overrides):
-    """``TrainingArguments`` for QLoRA on ``profile``; keyword ``overrides`` win.
+def training_arguments(profile, output_dir: str, recipe: Recipe | None = None, **overrides):
+    """``TrainingArguments`` for QLoRA on ``profile`` from a recipe; keyword ``overrides`` win.
 
-    Defaults: the profile's optimizer, the paper's max grad norm 0.3, a constant learning rate
-    after a short linear warm-up (``constant_with_warmup``; the paper uses constant, its code warms
-    up for 3% of steps), gradient checkpointing, loss logged every 10 steps, no checkpoints, no
-    external reporting, fixed seed.
+    From ``recipe`` (default :func:`qlora_helpers.recipe.recipe_for` the profile): learning rate,
+    warm-up steps, max grad norm, weight decay, batch size, steps, seed. Besides: the profile's
+    optimizer and precision, a constant learning rate after the linear warm-up
+    (``constant_with_warmup``; see the recipe module's note on the paper's warm-up), gradient
+    checkpointing, loss logged every 10 steps, no checkpoints, no external reporting.
     """
     from transformers import TrainingArguments
-    kw = dict(output_dir=output_dir, optim=profile.optimizer, learning_rate=2e-4,
-              lr_scheduler_type="constant_with_warmup", warmup_steps=10, max_grad_norm=0.3,
-              per_device_train_batch_size=16, max_steps=100, logging_steps=10,
+    recipe = recipe or recipe_for(profile)
+    kw = dict(output_dir=output_dir, optim=profile.optimizer, learning_rate=recipe.lr,
+              lr_scheduler_type="constant_with_warmup", warmup_steps=recipe.warmup_steps,
+              max_grad_norm=recipe.max_grad_norm, weight_decay=recipe.weight_decay,
+              per_device_train_batch_size=recipe.batch_size, max_steps=recipe.steps, logging_steps=10,
               gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-              save_strategy="no", report_to="none", remove_unused_columns=False, seed=0,
-              data_seed=0, dataloader_num_workers=0, use_cpu=profile.device == "cpu",
+              save_strategy="no", report_to="none", remove_unused_columns=False, seed=recipe.seed,
+              data_seed=recipe.seed, dataloader_num_workers=0, use_cpu=profile.device == "cpu",
               **precision_flags(profile))
     kw.update(overrides)
     if kw["learning_rate"] <= 0 or not math.isfinite(kw["learning_rate"]):

@@ -21,47 +21,25 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index
-
-
-def _check_messages(example: dict) -> list[dict]:
-    try:
-        msgs = example["messages"]
-    except (KeyError, TypeError):
-        msgs = None
-    if not msgs or msgs[-1].get("role") != "assistant":
-        raise ValueError(f"each row needs 'messages' ending with an assistant turn, got {example!r:.200}; "
-                         "build rows as [{'role': 'user', ...}, {'role': 'assistant', ...}]")
-    return msgs
+# The chat format itself (template, cut at EOS, padding) is shared with notebook 01; re-exported here.
+from .chat_data import IGNORE_INDEX, conversation_ids, padded_collator  # noqa: F401
 
 
 def tokenize_chat(example: dict, tok, max_length: int = 128) -> dict[str, list[int]]:
     """Token ids and labels of one chat row; prompt tokens labelled ``-100``.
 
-    The sequence stops at the assistant's EOS token (``<|im_end|>``): the newline the template
-    writes after it is never generated, so it is not trained on either.
+    The ids are :func:`qlora_helpers.chat_data.conversation_ids` (the chat template, up to and
+    including the assistant's EOS); the lesson is the labels: ``-100`` on every prompt token.
 
     Args:
         example: a row with ``messages`` (user turn(s), then the assistant turn).
         tok: a tokenizer with a chat template and an EOS token.
-        max_length: longest sequence allowed; a longer one is an error, never silently cut,
-            because cutting would drop the answer (or its EOS) from the labels.
+        max_length: longest sequence allowed (longer is an error, never silently cut).
     Returns:
         ``{"input_ids": [...], "labels": [...]}`` of equal length.
     """
-    msgs = _check_messages(example)
-    prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_dict=False)
-    full = tok.apply_chat_template(msgs, return_dict=False)
-    if full[:len(prompt)] != prompt:
-        raise ValueError("the chat template renders the prompt differently with and without the answer; "
-                         "response-only labels need the prompt to be a prefix of the full conversation")
-    end = len(full) - full[::-1].index(tok.eos_token_id)  # up to and including the last EOS
-    full = full[:end]
-    if len(full) > max_length:
-        raise ValueError(f"example has {len(full)} tokens (prompt {len(prompt)}) but max_length={max_length}; "
-                         f"raise max_length to at least {len(full)} or shorten the prompt")
-    labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
-    return {"input_ids": full, "labels": labels}
+    ids, n_prompt = conversation_ids(example, tok, max_length)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
 
 
 def tokenize_dataset(ds, tok, max_length: int = 128):
@@ -86,18 +64,6 @@ def show_labels(example: dict[str, list[int]], tok) -> str:
         if t is not None:
             out.append(tok.decode([t]))
     return "".join(out)
-
-
-def padded_collator(tok, max_length: int | None = 128):
-    """Right padding with labels padded with -100.
-
-    ``max_length=128``: every row padded to 128, the common tutorial recipe
-    (``padding="max_length"``). ``max_length=None``: padded to the longest row of the batch.
-    """
-    from transformers import DataCollatorForSeq2Seq
-    padding = "max_length" if max_length else "longest"
-    return DataCollatorForSeq2Seq(tok, padding=padding, max_length=max_length,
-                                  label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
 def shuffled_batches(train, tok, steps: int, seed: int, batch_size: int = 16) -> list[dict]:

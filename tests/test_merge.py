@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qlora_helpers import merge as M
+from qlora_helpers import adapters, merge as M
 
 R = 4  # small for test speed
 
@@ -190,8 +190,8 @@ def test_adapter_of_another_shape_is_refused(offline_profile, tmp_path):
     other = AutoModelForCausalLM.from_config(cfg)  # another base: narrower MLP
     with pytest.raises(M.AdapterMismatchError, match=r"mlp\.down_proj\.lora_A has shape \(4, 384\).*must be \(4, 256\)"):
         M.merge_into_base(other, tmp_path / "a")
-    info = json.loads((tmp_path / "a" / M.BASE_INFO_FILE).read_text())
-    (tmp_path / "a" / M.BASE_INFO_FILE).write_text(json.dumps({**info, "model_type": "qwen2"}))
+    info = json.loads((tmp_path / "a" / adapters.BASE_INFO_FILE).read_text())
+    (tmp_path / "a" / adapters.BASE_INFO_FILE).write_text(json.dumps({**info, "model_type": "qwen2"}))
     with pytest.raises(M.AdapterMismatchError, match="model_type 'qwen2'"):
         M.load_adapter(fp, tmp_path / "a")
     with pytest.raises(M.AdapterMismatchError, match="no adapter_config.json"):
@@ -205,9 +205,10 @@ def test_train_adapter_trains_only_lora(offline_profile, tok):
     from qlora_helpers.runtime import load_model, load_task_dataset
     from qlora_helpers.sft import base_fingerprint, lora_config
     torch.manual_seed(0)
-    model = get_peft_model(M.keep_standard_layout(load_model(offline_profile)), lora_config(r=R, lora_alpha=2 * R))
+    model = get_peft_model(load_model(offline_profile), lora_config(r=R, lora_alpha=2 * R))
     before = base_fingerprint(model)
-    losses = M.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)), steps=12, lr=5e-3)
+    losses = M.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)),
+                             M.KIT_LOOP.replace(steps=12, lr=5e-3))
     assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses  # measured ~4.9 -> ~2
     assert base_fingerprint(model) == before and not model.training
 

@@ -1,0 +1,114 @@
+"""Adapters as files: save, load, and check that an adapter fits a base before anything is loaded.
+
+What it teaches (notebook ``04_qlora_sft``, saving; ``05_merge_and_export``, loading and checking):
+a QLoRA run's product is a small adapter, saved with PEFT's ``save_pretrained`` as
+``adapter_model.safetensors`` + ``adapter_config.json``, plus ``kit_base.json`` (what base it was
+trained on). Loading it onto the wrong base fails early and by name (:class:`AdapterMismatchError`:
+the model type, a layer the base lacks, or a shape that does not fit), not deep inside PEFT.
+Trained adapters live in the kit's cache, ``$QLORA_KIT_CACHE/adapters/<name>`` (:func:`adapter_dir`).
+
+Production code it is checked against: peft 0.21.2 ``PeftModel.save_pretrained`` /
+``from_pretrained``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+
+ADAPTER_NAME = "date-r16-all-linear"  # the kit's task adapter, saved under $QLORA_KIT_CACHE/adapters
+
+
+# Notebook 04 saves the adapter it trained under this name; notebook 05 merges it.
+NB04_ADAPTER = "date-r16-all-linear-04"
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was trained on a different base (model type, layer names or shapes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Where adapters live
+# ---------------------------------------------------------------------------------------------
+def adapter_dir(name: str = ADAPTER_NAME) -> Path:
+    """``$QLORA_KIT_CACHE/adapters/<name>`` (the folder may not exist yet)."""
+    from .offline import cache_root
+    return cache_root() / "adapters" / name
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Does the adapter fit the base? (checked before anything is loaded or written)
+# ---------------------------------------------------------------------------------------------
+BASE_INFO_FILE = "kit_base.json"  # written beside an adapter by save_adapter: what it was trained on
+
+
+def base_info(model: nn.Module) -> dict:
+    """The facts about a base model an adapter depends on: model type and layer sizes."""
+    c = model.config
+    return {"model_type": c.model_type, "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size}
+
+
+def save_adapter(model, path: str | Path) -> Path:
+    """``save_pretrained`` (adapter_model.safetensors + adapter_config.json) plus ``kit_base.json``."""
+    path = Path(path)
+    model.save_pretrained(path)
+    (path / BASE_INFO_FILE).write_text(json.dumps(base_info(model.get_base_model()), indent=1))
+    return path
+
+
+def _lora_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _target_module(key: str) -> tuple[str, str]:
+    """(module name, "lora_A" or "lora_B") of an adapter tensor's key.
+
+    >>> _target_module("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight")
+    ('model.layers.0.mlp.up_proj', 'lora_A')
+    """
+    name, kind, _ = key.rsplit(".", 2)
+    return name.removeprefix("base_model.model."), kind
+
+
+def check_adapter_matches(model: nn.Module, path: str | Path) -> None:
+    """Raise :class:`AdapterMismatchError` naming the first mismatch between the adapter in
+    ``path`` and the base ``model`` (model type and sizes from ``kit_base.json`` if present; every
+    LoRA tensor's module must exist with ``lora_A`` (r, in) and ``lora_B`` (out, r) matching)."""
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        raise AdapterMismatchError(f"{path} holds no adapter_config.json: not a PEFT adapter folder")
+    r = json.loads((path / "adapter_config.json").read_text())["r"]
+    if (path / BASE_INFO_FILE).exists():
+        want, have = json.loads((path / BASE_INFO_FILE).read_text()), base_info(model)
+        bad = {k: (want[k], have.get(k)) for k in want if want[k] != have.get(k)}
+        if bad:
+            raise AdapterMismatchError(f"adapter {path.name} was trained on another base: "
+                                       + ", ".join(f"{k} {a!r} (adapter) != {b!r} (model)"
+                                                   for k, (a, b) in bad.items()))
+    modules = dict(model.named_modules())
+    for key, shape in _lora_tensor_shapes(path).items():
+        name, kind = _target_module(key)
+        _check_lora_shape(modules.get(name), name, kind, shape, r, path.name)
+
+
+def _check_lora_shape(module, name: str, kind: str, shape: tuple, r: int, adapter: str) -> None:
+    if module is None:
+        raise AdapterMismatchError(f"adapter {adapter} has weights for {name!r}, which the base "
+                                   f"model does not have (another architecture?)")
+    out_f, in_f = module.out_features, module.in_features
+    want = (r, in_f) if kind == "lora_A" else (out_f, r)
+    if tuple(shape) != want:
+        raise AdapterMismatchError(
+            f"adapter {adapter}: {name}.{kind} has shape {tuple(shape)}, but the base layer is "
+            f"{in_f} -> {out_f} with r={r}, so it must be {want}: trained on another base?")
+
+
+def load_adapter(base: nn.Module, path: str | Path):
+    """:func:`check_adapter_matches`, then ``PeftModel.from_pretrained(base, path)``, eval mode."""
+    from peft import PeftModel
+    check_adapter_matches(base, path)
+    return PeftModel.from_pretrained(base, str(path)).eval()

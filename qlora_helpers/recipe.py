@@ -1,0 +1,129 @@
+"""One recipe for every training run in the kit: LoRA and training hyper-parameters, frozen.
+
+What it teaches: a fine-tuning run is a handful of numbers (rank, alpha, dropout, targets,
+learning rate, warm-up, clipping, batch, steps, seed). nanoGPT keeps its model's numbers in one
+``GPTConfig`` dataclass that everything reads; the kit does the same for its runs. A
+:class:`Recipe` is immutable: a variant is a new recipe (:meth:`Recipe.replace`), so no run can
+change another's numbers by accident, and every rule about them (a rank is a positive int, a
+learning rate is positive and finite, ...) is checked here, once.
+
+The presets: :data:`KIT_SFT` (notebook 04, the Trainer), :data:`KIT_LOOP` (the plain loop's
+stand-in adapter of notebook 05), :data:`ABLATION_BASELINE` (notebook 06's baseline) and
+:data:`QLORA_PAPER` (the QLoRA paper's reference scripts, arXiv:2305.14314,
+``artidoro/qlora/scripts/finetune_guanaco_{7b,13b,33b,65b}.sh``).
+
+Note (the paper's warm-up): the scripts pass ``--warmup_ratio 0.03`` with
+``--lr_scheduler_type constant``. transformers' ``get_scheduler`` returns the ``constant``
+schedule before it reads the warm-up, so those runs had none (``tests/test_recipe.py`` pins it
+with transformers 5.23). The kit's recipes warm up for 10 steps with ``constant_with_warmup``.
+
+>>> KIT_SFT.r, KIT_SFT.lora_alpha, KIT_SFT.scaling
+(16, 32, 2.0)
+>>> ABLATION_BASELINE.replace(r=64, use_rslora=True).scaling  # alpha / sqrt(r)
+2.0
+>>> QLORA_PAPER["65b"].lr, QLORA_PAPER["65b"].lora_dropout, QLORA_PAPER["65b"].warmup_steps
+(0.0001, 0.05, 0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every hyper-parameter of a LoRA / QLoRA training run.
+
+    Attributes:
+        r: adapter rank. lora_alpha: scale numerator (``alpha / r``, or ``alpha / sqrt(r)`` with
+            ``use_rslora``). lora_dropout: dropout on the adapter's input.
+        target_modules: PEFT's ``target_modules`` (``"all-linear"``: every linear layer but the head).
+        use_rslora, use_dora: PEFT's rsLoRA scaling and DoRA.
+        lr: learning rate after warm-up. warmup_steps: linear warm-up, then constant.
+        max_grad_norm: gradient clipping (the paper's 0.3). weight_decay: AdamW's.
+        batch_size: rows per optimizer step. steps: optimizer steps. seed: init and batch order.
+    """
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    steps: int = 350
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(name, want):
+            value = getattr(self, name)
+            raise ValueError(f"Recipe.{name} must be {want}, got {value!r}")
+        for name in ("r", "batch_size", "steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "a positive int")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            bad("warmup_steps", "an int >= 0")
+        for name in ("lora_alpha", "lr", "max_grad_norm"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                bad(name, "a positive finite number")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "in [0, 1)")
+        if not 0 <= self.weight_decay < 1:
+            bad("weight_decay", "in [0, 1)")
+        if isinstance(self.target_modules, list):  # frozen means hashable: lists become tuples
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        """The factor in front of ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def replace(self, **changes) -> "Recipe":
+        """A new recipe with ``changes`` (checked like any recipe); the original is unchanged.
+
+        Raises:
+            ValueError: an unknown field (the message lists the known ones) or an invalid value.
+        """
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    def lora_config(self):
+        """This recipe's PEFT ``LoraConfig`` for a causal LM (bias off, the output head excluded)."""
+        from peft import LoraConfig
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, use_rslora=self.use_rslora, use_dora=self.use_dora,
+                          bias="none", task_type="CAUSAL_LM")
+
+
+# The kit's SFT recipe (notebook 04): rank 16 with alpha = 2r (scaling 2), the common PEFT recipe;
+# lr 2e-3 for a 128-wide model (notebook 04, section 1, says why and what was measured).
+KIT_SFT = Recipe()
+# Notebook 04 on the gpu profile (a 896-wide model): 2e-4 x 4096/896 ~ 9e-4, rounded down.
+KIT_SFT_GPU = KIT_SFT.replace(lr=8e-4, steps=300)
+# The plain-loop adapter notebook 05 trains when notebook 04 has not run (no dropout, lr 3e-3).
+KIT_LOOP = KIT_SFT.replace(lora_dropout=0.0, lr=3e-3, steps=200)
+# Notebook 06's baseline: the QLoRA paper's alpha 16 (scaling 1 at r 16), no dropout, lr 3e-3.
+ABLATION_BASELINE = KIT_SFT.replace(lora_alpha=16, lora_dropout=0.0, lr=3e-3, steps=300)
+
+# The QLoRA paper's reference scripts (Guanaco on OASST1): the same for every size but the
+# learning rate and dropout; batch 4 per device x 4 accumulation steps; no warm-up (see Note).
+_PAPER = Recipe(r=64, lora_alpha=16, lora_dropout=0.05, lr=2e-4, warmup_steps=0, max_grad_norm=0.3,
+                weight_decay=0.0, batch_size=16, steps=1875, seed=0)
+QLORA_PAPER = {"7b": _PAPER.replace(lora_dropout=0.1), "13b": _PAPER,
+               "33b": _PAPER.replace(lr=1e-4), "65b": _PAPER.replace(lr=1e-4)}
+
+
+def recipe_for(profile) -> Recipe:
+    """The SFT recipe of a :class:`qlora_helpers.runtime.Profile`: :data:`KIT_SFT` offline,
+    :data:`KIT_SFT_GPU` on the gpu profile."""
+    return KIT_SFT_GPU if profile.name == "gpu" else KIT_SFT
