@@ -410,7 +410,7 @@ def verdict(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> str:
 # ----------------------------------------------------------------------------------------------
 # Exercise checkers (notebook 06, "Exercises")
 # ----------------------------------------------------------------------------------------------
-from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
+from .exercises import attempted as _attempted, expect  # noqa: E402  (shared by all checkers)
 
 
 def check_param_count(config, answer) -> bool:
@@ -419,7 +419,7 @@ def check_param_count(config, answer) -> bool:
         return False
     from .lora import llama_lora_param_count
     want = llama_lora_param_count(config, 32, TARGETS["attention"])
-    assert int(answer) == want, (f"got {answer}; per layer and projection r * (in + out), summed over "
+    expect(int(answer) == want, f"got {answer}; per layer and projection r * (in + out), summed over "
                                  f"q, k, v, o (k and v are narrower: grouped-query attention), times layers")
     print(f"Exercise 1: correct, {want:,} parameters.")
     return True
@@ -429,7 +429,7 @@ def check_rslora_scale(answer) -> bool:
     """Exercise 2: the r at which rsLoRA's alpha/sqrt(r) is 4x LoRA's alpha/r (any alpha)."""
     if not _attempted(answer, "Exercise 2"):
         return False
-    assert int(answer) == 16, f"got {answer}; solve (alpha / sqrt(r)) / (alpha / r) = sqrt(r) = 4"
+    expect(int(answer) == 16, f"got {answer}; solve (alpha / sqrt(r)) / (alpha / r) = sqrt(r) = 4")
     print("Exercise 2: correct, r = 16: the gap grows as sqrt(r).")
     return True
 

@@ -94,7 +94,8 @@ def dynamic_map(max_exponent_bits: int = 7) -> torch.Tensor:
         data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()     # positive
         data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()    # negative
     data += [0.0, 1.0]
-    assert len(data) == 256, len(data)
+    if len(data) != 256:  # 7 exponent bits of (2**i) means, both signs, plus 0 and 1
+        raise ValueError(f"dynamic_map builds 256 values only with max_exponent_bits=7, got {len(data)}")
     return torch.tensor(sorted(data), dtype=torch.float32)                    # (256,)
 
 
@@ -274,7 +275,7 @@ def measured_bytes(packed: torch.Tensor, quant_state) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # 5. Exercise checkers (notebook 03, "Exercises")
 # ---------------------------------------------------------------------------------------------
-from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
+from .exercises import attempted as _attempted, expect  # noqa: E402  (shared by all checkers)
 
 
 def check_bits_per_param_dq(blocksize: int, answer) -> bool:
@@ -282,8 +283,7 @@ def check_bits_per_param_dq(blocksize: int, answer) -> bool:
     if not _attempted(answer, "Exercise 1"):
         return False
     want = bits_per_param(blocksize, True)
-    assert math.isclose(float(answer), want, rel_tol=1e-9), (
-        f"got {answer}, want 4 + 8/{blocksize} + 32/({blocksize}*256): a 4-bit code, an 8-bit constant "
+    expect(math.isclose(float(answer), want, rel_tol=1e-9), f"got {answer}, want 4 + 8/{blocksize} + 32/({blocksize}*256): a 4-bit code, an 8-bit constant "
         f"shared by {blocksize} weights, an fp32 scale shared by {blocksize}*256")
     print(f"Exercise 1: correct, {want:.6f} bits per parameter at blocksize {blocksize}.")
     return True
@@ -297,8 +297,7 @@ def check_layer_bytes(shape: tuple[int, int], answer) -> bool:
     w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     packed, state = quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     want = sum(measured_bytes(packed, state).values())
-    assert int(answer) == want, (
-        f"got {answer}, bitsandbytes holds {want} bytes: packed codes, uint8 constants, fp32 scales "
+    expect(int(answer) == want, f"got {answer}, bitsandbytes holds {want} bytes: packed codes, uint8 constants, fp32 scales "
         f"per 256 constants, the 256-entry map, the offset and the 16-entry NF4 table")
     print(f"Exercise 2: correct, {want:,} bytes for a {shape[0]}x{shape[1]} layer.")
     return True

@@ -1,8 +1,8 @@
-"""What every exercise checker in the kit shares.
+"""What every exercise checker in the kit shares: one protocol.
 
 A checker returns True when the answer is right, prints a hint and returns False while the answer
-is still a placeholder (None or ``...``), and raises AssertionError, saying what is off, when the
-answer is wrong.
+is still a placeholder (None or ``...``, :func:`attempted`), and raises AssertionError, saying
+what is off, when the answer is wrong (:func:`expect`).
 """
 from __future__ import annotations
 
@@ -13,3 +13,16 @@ def attempted(answer, exercise: str) -> bool:
         print(f"{exercise}: not attempted yet; replace the placeholder and run the cell again.")
         return False
     return True
+
+
+def expect(condition, message: str) -> None:
+    """An exercise check: raise ``AssertionError(message)`` if ``condition`` is false. Explicit,
+    unlike an ``assert`` statement, so that ``python -O`` cannot turn a wrong answer into a right one.
+
+    >>> expect(2 + 2 == 4, "arithmetic")
+    >>> expect(2 + 2 == 5, "2 + 2 is 4")
+    Traceback (most recent call last):
+    AssertionError: 2 + 2 is 4
+    """
+    if not condition:
+        raise AssertionError(message)

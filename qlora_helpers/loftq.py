@@ -163,7 +163,9 @@ def apply_loftq(peft_model, fp_model, num_iter: int = 1, adapter: str = "default
         q, a, b, source = _alternate(w, r, num_iter, nf4_dq_roundtrip)
         b = b / s  # the layer multiplies B A by s (Note: scaling)
         stored = set_4bit_weight(module.get_base_layer(), source)
-        assert torch.equal(stored, q), f"{name}: the 4-bit base does not hold LoftQ's Q"
+        if not torch.equal(stored, q):
+            raise RuntimeError(f"{name}: the 4-bit layer does not hold LoftQ's Q after writing it "
+                               f"(bitsandbytes quantized it differently from the kit's NF4 round trip)")
         module.lora_A[adapter].weight.copy_(a)
         module.lora_B[adapter].weight.copy_(b)
         report[name] = loftq_errors(w, q, a, b, s)

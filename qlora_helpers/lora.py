@@ -417,7 +417,7 @@ def one_step_update_norm(r: int, use_rslora: bool, in_features: int = 512, out_f
 #    hint and returns False while the answer is still a placeholder (None, or a function that
 #    returns None), and raises AssertionError, saying what is off, when it is wrong.
 # ---------------------------------------------------------------------------------------------
-from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
+from .exercises import attempted as _attempted, expect  # noqa: E402  (shared by all checkers)
 
 
 def check_exercise_1(answer) -> bool:
@@ -429,8 +429,7 @@ def check_exercise_1(answer) -> bool:
     cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)
     expected = llama_lora_param_count(cfg, 8, ["q_proj", "v_proj"])
-    assert int(answer) == expected, (
-        f"got {answer!r}; per layer it is r*(in+out) for q_proj plus the same for v_proj, "
+    expect(int(answer) == expected, f"got {answer!r}; per layer it is r*(in+out) for q_proj plus the same for v_proj, "
         f"times 40 layers")
     print(f"Exercise 1: correct, {expected:,} trainable parameters.")
     return True
@@ -447,10 +446,8 @@ def check_exercise_2(delta_weight_fn) -> bool:
         if not _attempted(got, "Exercise 2"):
             return False
         want = layer.get_delta_weight().detach()  # (40, 24)
-        assert tuple(got.shape) == tuple(want.shape), (
-            f"ΔW is (out, in) = {tuple(want.shape)}, got {tuple(got.shape)}")
-        assert torch.allclose(got, want, atol=1e-6), (
-            f"wrong ΔW with use_rslora={use_rslora}: check the order B @ A and the scaling")
+        expect(tuple(got.shape) == tuple(want.shape), f"ΔW is (out, in) = {tuple(want.shape)}, got {tuple(got.shape)}")
+        expect(torch.allclose(got, want, atol=1e-6), f"wrong ΔW with use_rslora={use_rslora}: check the order B @ A and the scaling")
     print("Exercise 2: correct, ΔW = (alpha/r, or alpha/sqrt(r) with rsLoRA) * B @ A.")
     return True
 
@@ -465,10 +462,9 @@ def check_exercise_3(to_plain_linear_fn) -> bool:
     plain = to_plain_linear_fn(layer)
     if not _attempted(plain, "Exercise 3"):
         return False
-    assert type(plain) is nn.Linear, f"return an nn.Linear, got {type(plain).__name__}"
-    assert torch.equal(layer.base_layer.weight, w_before), "the LoRA layer's own W must not change"
-    assert torch.allclose(plain(x), layer(x), atol=1e-5), (
-        "outputs differ: use W + ΔW and keep the bias")
+    expect(type(plain) is nn.Linear, f"return an nn.Linear, got {type(plain).__name__}")
+    expect(torch.equal(layer.base_layer.weight, w_before), "the LoRA layer's own W must not change")
+    expect(torch.allclose(plain(x), layer(x), atol=1e-5), "outputs differ: use W + ΔW and keep the bias")
     print("Exercise 3: correct, one nn.Linear now does the work of W, A and B.")
     return True
 
@@ -478,8 +474,7 @@ def check_exercise_4(answer) -> bool:
     if not _attempted(answer, "Exercise 4"):
         return False
     want, got = lora_scaling(32, 16), lora_scaling(float(answer), 64, use_rslora=True)
-    assert math.isclose(got, want), (
-        f"alpha={answer} gives scaling {got:g}, want {want:g}: solve alpha / sqrt(64) = 32 / 16")
+    expect(math.isclose(got, want), f"alpha={answer} gives scaling {got:g}, want {want:g}: solve alpha / sqrt(64) = 32 / 16")
     print(f"Exercise 4: correct, alpha={float(answer):g} gives scaling {want:g} "
           f"at r=64 with rsLoRA.")
     return True

@@ -48,6 +48,7 @@ from .cpu_layout import (  # noqa: F401  (re-exported: notebook 05 teaches the t
     is_4bit, is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
     simulate_cpu_repack, standard_layout)
 from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
+from .exercises import attempted, expect
 from .recipe import KIT_LOOP, Recipe
 
 # ---------------------------------------------------------------------------------------------
@@ -300,9 +301,8 @@ def check_merged_layer(merged_weight_fn, model) -> bool:
     for layer in layers:
         want = _merged_weight(layer)
         got = merged_weight_fn(layer)
-        assert tuple(got.shape) == tuple(want.shape), f"want shape (out, in) = {tuple(want.shape)}, got {tuple(got.shape)}"
-        assert torch.allclose(got.float(), want, atol=1e-5), (
-            "wrong merged weight: dequantize the 4-bit base (read it safely, see dequantize_weight), "
+        expect(tuple(got.shape) == tuple(want.shape), f"want shape (out, in) = {tuple(want.shape)}, got {tuple(got.shape)}")
+        expect(torch.allclose(got.float(), want, atol=1e-5), "wrong merged weight: dequantize the 4-bit base (read it safely, see dequantize_weight), "
             "then add scaling * lora_B @ lora_A")
     print(f"Exercise 1: correct on all {len(layers)} LoRA layers.")
     return True
@@ -310,12 +310,11 @@ def check_merged_layer(merged_weight_fn, model) -> bool:
 
 def check_adapter_bytes(answer, config, r: int = 16) -> bool:
     """Bytes of the fp32 LoRA tensors of an all-linear rank-``r`` adapter on ``config``'s model."""
-    from .exercises import attempted
     from .lora import llama_lora_param_count
     if not attempted(answer, "Exercise 2"):
         return False
     want = 4 * llama_lora_param_count(config, r)  # fp32: 4 bytes per A or B entry
-    assert int(answer) == want, (f"{answer} bytes: count r * (in + out) per targeted layer (7 per "
+    expect(int(answer) == want, f"{answer} bytes: count r * (in + out) per targeted layer (7 per "
                                  f"decoder layer), times the layers, times 4 bytes (fp32)")
     print(f"Exercise 2: correct, {want:,} bytes of LoRA weights (the file adds a small JSON header).")
     return True

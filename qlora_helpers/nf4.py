@@ -465,7 +465,7 @@ def code_entropy(codes: torch.Tensor, n_codes: int = 16) -> float:
 # ---------------------------------------------------------------------------------------------
 # 6. Exercise checkers (notebook 02, "Exercises")
 # ---------------------------------------------------------------------------------------------
-from .exercises import attempted as _attempted  # noqa: E402  (shared by all checkers)
+from .exercises import attempted as _attempted, expect  # noqa: E402  (shared by all checkers)
 
 
 def check_nf4_level_count(levels) -> bool:
@@ -475,15 +475,13 @@ def check_nf4_level_count(levels) -> bool:
         return False
     from bitsandbytes.functional import get_4bit_type
     levels = torch.as_tensor(levels)
-    assert levels.numel() == 16, f"NF4 has 16 levels (4 bits), got {levels.numel()}"
+    expect(levels.numel() == 16, f"NF4 has 16 levels (4 bits), got {levels.numel()}")
     neg, zero, pos = int((levels < 0).sum()), int((levels == 0).sum()), int((levels > 0).sum())
-    assert (neg, zero, pos) == (7, 1, 8), (
-        f"want 7 negative, 1 zero, 8 positive levels, got {neg}, {zero}, {pos}: positive side "
+    expect((neg, zero, pos) == (7, 1, 8), f"want 7 negative, 1 zero, 8 positive levels, got {neg}, {zero}, {pos}: positive side "
         f"linspace(offset, 0.5, 9), negative side linspace(offset, 0.5, 8), each without its 0.5")
     want = get_4bit_type("nf4", device="cpu")
     got = levels.float().sort().values
-    assert torch.equal(got, want), (
-        f"close but not bit-exact (max diff {(got - want).abs().max().item():.2e}): float32 "
+    expect(torch.equal(got, want), f"close but not bit-exact (max diff {(got - want).abs().max().item():.2e}): float32 "
         f"probabilities, ndtri in float64, round each quantile to float32, divide in float32")
     print("Exercise 1: correct, 7 + 1 + 8 levels, bit for bit bitsandbytes' NF4 table.")
     return True
@@ -493,8 +491,7 @@ def check_offset(offset) -> bool:
     """Exercise 2: the offset from the paper's reasoning (15 and 16 equal-probability bins)."""
     if not _attempted(offset, "Exercise 2"):
         return False
-    assert abs(float(offset) - paper_offset()) < 1e-12, (
-        f"got {offset}; the last of k equal-probability bins is centred at 1 - 1/(2k): average "
+    expect(abs(float(offset) - paper_offset()) < 1e-12, f"got {offset}; the last of k equal-probability bins is centred at 1 - 1/(2k): average "
         f"k = 15 and k = 16")
     print(f"Exercise 2: correct, {float(offset):.10f}; bitsandbytes writes it as {NF4_OFFSET}.")
     return True
@@ -512,10 +509,8 @@ def check_pack(pack_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         codes[0] = 15  # level 1.0 sets the block's absmax to 1
         want = quantize_4bit(nf4_levels()[codes], blocksize=64, quant_type="nf4")[0].reshape(-1)
         got = torch.as_tensor(pack_fn(codes)).reshape(-1)
-        assert got.dtype == torch.uint8 and got.numel() == want.numel(), (
-            f"n={n}: want uint8 with {want.numel()} bytes, got {got.dtype} with {got.numel()}")
-        assert torch.equal(got, want), (
-            f"n={n}: bytes differ from bitsandbytes (first {got[:2].tolist()} vs {want[:2].tolist()}): "
+        expect(got.dtype == torch.uint8 and got.numel() == want.numel(), f"n={n}: want uint8 with {want.numel()} bytes, got {got.dtype} with {got.numel()}")
+        expect(torch.equal(got, want), f"n={n}: bytes differ from bitsandbytes (first {got[:2].tolist()} vs {want[:2].tolist()}): "
             f"which code goes in the high nibble, and what pads an odd count?")
     print("Exercise 3: correct, your bytes are bitsandbytes' bytes.")
     return True
@@ -526,8 +521,7 @@ def check_bits_per_param(blocksize: int, answer) -> bool:
     if not _attempted(answer, "Exercise 4"):
         return False
     want = bits_per_param(blocksize)
-    assert math.isclose(float(answer), want), (
-        f"got {answer}, want 4 bits per code plus 32 bits shared by {blocksize} values")
+    expect(math.isclose(float(answer), want), f"got {answer}, want 4 bits per code plus 32 bits shared by {blocksize} values")
     print(f"Exercise 4: correct, {want} bits per parameter at blocksize {blocksize}.")
     return True
 
@@ -542,8 +536,7 @@ def check_uniform_winner(answer) -> bool:
     tables = {"nf4": nf4_levels(), "fp4": fp4_levels(), "int4": int4_levels()}
     errors = {name: quantization_error(w, lv)["rel_rmse"] for name, lv in tables.items()}
     best = min(errors, key=errors.get)
-    assert str(answer).lower() == best, (
-        f"{answer!r} has relative RMSE {errors.get(str(answer).lower(), float('nan')):.4f}; measure "
+    expect(str(answer).lower() == best, f"{answer!r} has relative RMSE {errors.get(str(answer).lower(), float('nan')):.4f}; measure "
         f"all three with quantization_error and compare")
     print(f"Exercise 5: correct, {best} ({errors[best]:.4f} vs NF4 {errors['nf4']:.4f}): evenly "
           f"spaced levels suit evenly spread values; NF4 spends its levels where normal weights are.")
