@@ -523,7 +523,7 @@ def load_results(*paths) -> tuple[dict, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     from .figures import save_figure
-    from .runtime import get_profile
+    from .runtime import get_profile, use_threads
     ap = argparse.ArgumentParser(description="LoRA/QLoRA ablation grid on the kit's task")
     ap.add_argument("--full", action="store_true", help="r 4..64, 300 steps, 3 seeds (long)")
     ap.add_argument("--only", default="", help="comma-separated variant names: run a shard of the grid")
@@ -537,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             save_results(rows, args.out, meta=meta)
     else:
         profile = get_profile()
+        use_threads(profile)
         plan = grid(args.full)
         if args.only:
             names = args.only.split(",")

@@ -19,7 +19,8 @@ step of the offline model (LoRA r=16 on all linear layers, batch 16 x 64 tokens,
 210 ms with fp32 compute, 1680 ms with fp16 and 2179 ms with bf16; fp32 is also the exact
 reference the GPU runs can be compared with.
 
-CPU threads: the offline profile runs torch on one thread (``$QLORA_KIT_THREADS`` overrides).
+CPU threads: the offline profile runs torch on one thread (``$QLORA_KIT_THREADS`` overrides), set
+by an explicit :func:`use_threads` at the top of every notebook and command.
 Its matrices are 128 wide, too small for a second thread to pay off, and measured on the 2-core
 CI machine with other work running, a LoRA training step took 156-214 ms on 1 thread and
 1.5-7.7 s on 2 (OpenMP threads waiting for a busy core). One thread also makes float results
@@ -96,8 +97,6 @@ def get_profile(name: str | None = None) -> Profile:
         device, gpu = "cuda", torch.cuda.get_device_name(0)
     else:
         cap, device, gpu = None, "cpu", None
-    if device == "cpu":
-        torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
     if name == "offline":
         from .offline import ASSETS_DIR as root  # shipped with the kit, checked by SHA-256
         model_src, data_src = str(root / "model"), str(root / "data")
@@ -105,6 +104,22 @@ def get_profile(name: str | None = None) -> Profile:
         model_src, data_src = GPU_MODEL_ID, GPU_DATASET_ID
     return Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
                    model_src, data_src)
+
+
+def use_threads(profile: Profile) -> int:
+    """Set torch's CPU threads for ``profile`` and return the count: ``$QLORA_KIT_THREADS`` or 1
+    on the CPU (the module docstring says why), unchanged on a GPU. An explicit call, made once at
+    the top of every notebook and command, never a side effect of reading a profile.
+
+    Raises:
+        ValueError: ``$QLORA_KIT_THREADS`` is not a positive integer.
+    """
+    if profile.device == "cpu":
+        raw = os.environ.get(THREADS_ENV, "1")
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{THREADS_ENV}={raw!r} must be a positive integer, e.g. {THREADS_ENV}=2")
+        torch.set_num_threads(int(raw))
+    return torch.get_num_threads()
 
 
 def _hub_error(what: str, source: str, err: Exception) -> HubUnreachableError:

@@ -15,8 +15,10 @@ def assets():
 
 @pytest.fixture(scope="session")
 def offline_profile(assets):
-    from qlora_helpers.runtime import get_profile
-    return get_profile("offline")
+    from qlora_helpers.runtime import get_profile, use_threads
+    profile = get_profile("offline")
+    use_threads(profile)  # one thread, as the notebooks run
+    return profile
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,22 @@ def test_doctor_reports_the_decisions(offline_profile, capsys):
     for key in ("torch", "transformers", "peft", "bitsandbytes", "compute dtype", "optimizer", "model"):
         assert key in facts and key in out
     assert facts["compute dtype"] == "float32" and facts["profile"] == "offline"
+
+
+def test_threads_are_an_explicit_call(monkeypatch):
+    """Reading a profile leaves torch alone; use_threads sets it ($QLORA_KIT_THREADS or 1 on the CPU)."""
+    import torch
+    from qlora_helpers.runtime import THREADS_ENV, get_profile, use_threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        profile = get_profile("offline")
+        assert torch.get_num_threads() == 2
+        assert use_threads(profile) == 1 == torch.get_num_threads()
+        monkeypatch.setenv(THREADS_ENV, "2")
+        assert use_threads(profile) == 2
+        monkeypatch.setenv(THREADS_ENV, "two")
+        with pytest.raises(ValueError, match="QLORA_KIT_THREADS='two' must be a positive integer"):
+            use_threads(profile)
+    finally:
+        torch.set_num_threads(before)
