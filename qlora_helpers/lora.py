@@ -376,19 +376,15 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def train_steps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr: float = 2e-3,
                 weight_decay: float = 0.0) -> list[float]:
     """One AdamW step per batch on the parameters with ``requires_grad`` (after
-    :func:`inject_lora`: A and B only); returns the training losses."""
+    :func:`inject_lora`: A and B only), constant learning rate, no clipping, the loss
+    :func:`lm_loss`; returns the training losses. The loop is the kit's one
+    (:func:`qlora_helpers.training.train_loop`)."""
+    from .training import train_loop
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses = []
-    for batch in batches:
-        loss = lm_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    log = train_loop(model, opt, batches, lr, schedule=lambda step: lr, max_grad_norm=None, loss_fn=lm_loss)
     model.eval()
-    return losses
+    return log["losses"]
 
 
 def one_step_update_norm(r: int, use_rslora: bool, in_features: int = 512, out_features: int = 512,

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .double_quant import storage_bytes
+from .training import saved_tensor_bytes  # noqa: F401  (re-exported: measured activations, notebook 03)
 
 __all__ = [
     "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS", "OPTIMIZERS",
@@ -403,41 +404,6 @@ def optimizer_bytes(optimizer) -> int:
                          if isinstance(v, torch.Tensor))
 
 
-class saved_tensor_bytes:
-    """Context manager: bytes of the tensors autograd saves for backward inside it (activations).
-
-    ``torch.autograd.graph.saved_tensors_hooks`` sees every saved tensor; each storage is counted
-    once (views share it) and parameters are skipped (they are held anyway). Read ``.total``
-    after the block::
-
-        with saved_tensor_bytes() as saved:
-            loss = model(**batch).loss
-        saved.total  # bytes kept until loss.backward()
-    """
-
-    def __init__(self):
-        import torch
-        self._seen: dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t):
-        import torch
-        if not isinstance(t, torch.nn.Parameter):
-            s = t.untyped_storage()
-            self._seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self._seen.values())
-
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------

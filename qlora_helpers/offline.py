@@ -204,27 +204,28 @@ class PretrainReport:
 
 def pretrain(model, token_ids: list[int], steps: int = 600, batch_size: int = 16,
              seq_len: int = 128, lr: float = 3e-3, seed: int = 0, log=print) -> PretrainReport:
-    """Next-token pretraining on random windows of one long token stream (plain PyTorch)."""
+    """Next-token pretraining on random windows of one long token stream, with the kit's one loop
+    (:func:`qlora_helpers.training.train_loop`): AdamW (betas 0.9/0.95, weight decay 0.1), linear
+    warm-up over 5% of the steps then a cosine to zero, gradients clipped to 1.0."""
     import torch
+    from .training import train_loop
     g = torch.Generator().manual_seed(seed)
     data = torch.tensor(token_ids, dtype=torch.long)  # (n_tokens,)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)
-                                              * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    t0, losses = time.perf_counter(), []
-    for step in range(steps):
-        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=g)
-        batch = torch.stack([data[s:s + seq_len] for s in starts])  # (batch, seq_len)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if log and (step % 100 == 0 or step == steps - 1):
-            log(f"pretrain step {step:4d}/{steps}  loss {loss.item():.3f}  "
-                f"{time.perf_counter() - t0:.0f}s")
+
+    def cosine(s: int) -> float:  # linear warm-up, then a cosine to zero
+        return lr * (min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+    def windows():  # random windows of the token stream, drawn as training goes
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=g)
+            batch = torch.stack([data[s:s + seq_len] for s in starts])  # (batch, seq_len)
+            yield {"input_ids": batch, "labels": batch}
+
+    t0 = time.perf_counter()
+    losses = train_loop(model, opt, windows(), lr, schedule=cosine, max_grad_norm=1.0,
+                        log=(lambda m: log(f"pretrain {m}")) if log else None)["losses"]
     model.eval()
     tail = losses[-20:]
     return PretrainReport(steps, steps * batch_size * seq_len, losses[0], sum(tail) / len(tail),

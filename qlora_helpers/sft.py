@@ -27,10 +27,8 @@ import torch
 from transformers import TrainerCallback
 
 from .recipe import KIT_SFT, Recipe, recipe_for
-
-
-class TrainingAlarm(RuntimeError):
-    """Training produced a value that means it is broken (NaN loss, a loss stuck at zero, ...)."""
+# The one plain loop and its alarm live in qlora_helpers.training; re-exported for notebook 04.
+from .training import TrainingAlarm, check_loss, train_loop, warmup_lr  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,23 +98,6 @@ def training_arguments(profile, output_dir: str, recipe: Recipe | None = None, *
 # ----------------------------------------------------------------------------------------------
 # Is it really training?
 # ----------------------------------------------------------------------------------------------
-def check_loss(loss: float, step: int, zero_tol: float = 1e-6) -> None:
-    """Raise :class:`TrainingAlarm` if ``loss`` is NaN/inf or (near) zero; else return None.
-
-    A cross-entropy of exactly 0 on language data means something broke, most often fp16: the
-    loss overflows, the grad scaler skips steps and logs 0, or every label is -100.
-    """
-    if not math.isfinite(loss):
-        raise TrainingAlarm(
-            f"loss is {loss} at step {step}. Likely fix: fp16 overflow -> use bf16 (compute capability "
-            f">= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs.")
-    if loss <= zero_tol:
-        raise TrainingAlarm(
-            f"loss is {loss} at step {step}: a language-model loss is never exactly 0. Likely fix: if "
-            f"fp16, switch to bf16/fp32 (a known fp16 failure logs 0.0); check that not every label is "
-            f"-100 (response-only masking with a too-short max_length).")
-
-
 def lora_parameters(model, trainable_only: bool = True) -> dict[str, torch.Tensor]:
     """The adapter weights by name (``lora_A`` / ``lora_B``); only trainable ones by default."""
     return {n: p for n, p in model.named_parameters()
@@ -223,7 +204,6 @@ def tokens_per_second(model, batches: list[dict]) -> dict[str, float]:
     Returns:
         ``{"tokens_per_s", "pad_share", "seconds"}``.
     """
-    import time
     model.train()
     real = total = 0
     t0 = None
@@ -241,55 +221,6 @@ def tokens_per_second(model, batches: list[dict]) -> dict[str, float]:
         raise ValueError("tokens_per_second needs at least 2 batches (the first is a warm-up)")
     seconds = time.perf_counter() - t0
     return {"tokens_per_s": real / seconds, "pad_share": 1 - real / total, "seconds": seconds}
-
-
-# ----------------------------------------------------------------------------------------------
-# The same recipe as a plain PyTorch loop (for what the Trainer hides: a custom optimizer such as
-# LoRA-FA, counting saved activations, many short runs)
-# ----------------------------------------------------------------------------------------------
-def warmup_lr(step: int, lr: float, warmup: int = 10) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant (the Trainer's ``constant_with_warmup``).
-
-    >>> [warmup_lr(s, 1.0, 10) for s in (0, 4, 9, 100)]
-    [0.1, 0.5, 1.0, 1.0]
-    """
-    return lr * min(1.0, (step + 1) / warmup)
-
-
-def train_loop(model, optimizer, batches: list[dict], lr: float, warmup: int = 10,
-               max_grad_norm: float = 0.3, count_activations: bool = False) -> dict:
-    """One optimizer step per batch: warm-up then constant learning rate, gradients clipped to
-    ``max_grad_norm`` (the QLoRA paper's 0.3), :func:`check_loss` on every step.
-
-    Args:
-        model: a PEFT model (only the adapter requires grad). optimizer: over its trainable weights.
-        batches: dicts of tensors (``input_ids``, ``attention_mask``, ``labels``), moved to the model's device.
-        lr: the learning rate after warm-up. count_activations: count the bytes autograd saves for
-            backward on the first step (:func:`qlora_helpers.memory.saved_tensor_bytes`; slow, so once).
-    Returns:
-        ``{"losses": [...], "activation_bytes": int (0 unless counted), "seconds": float}``. The
-        model is left in train mode with the last step's gradients (for measuring their bytes).
-    """
-    from contextlib import nullcontext
-    from .memory import saved_tensor_bytes
-    model.train()
-    losses, act, t0 = [], 0, time.perf_counter()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for step, batch in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(step, lr, warmup)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        with saved_tensor_bytes() if (count_activations and step == 0) else nullcontext() as saved:
-            loss = model(**batch, use_cache=False).loss
-        act = saved.total if saved is not None else act
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        optimizer.step()
-        check_loss(loss.item(), step)
-        losses.append(loss.item())
-        if step + 1 < len(batches):
-            optimizer.zero_grad(set_to_none=True)
-    return {"losses": losses, "activation_bytes": act, "seconds": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------------------------

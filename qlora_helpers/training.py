@@ -1,0 +1,145 @@
+"""The kit's one training loop in plain PyTorch, and the alarms every training step passes.
+
+What it teaches: a training step is five lines (set the learning rate, forward, backward, clip,
+step), and the kit writes them once. Every plain-PyTorch training in the kit runs through
+:func:`train_loop`: notebook 01's LoRA from scratch (:func:`qlora_helpers.lora.train_steps`), the
+offline model's pretraining (:func:`qlora_helpers.offline.pretrain`), notebook 05's stand-in
+adapter and notebook 06's grid. What differs between them is a parameter, not a copy: the loss
+(the model's own, or a hand-written one), the schedule (warm-up then constant, or cosine), the
+clipping norm. transformers' ``Trainer`` (notebook 04) is the production way to the same loop.
+
+:func:`check_loss` raises :class:`TrainingAlarm` on a loss that means training broke (NaN, inf,
+exactly zero); :class:`saved_tensor_bytes` counts the activations autograd keeps for backward.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Callable, Iterable
+
+
+class TrainingAlarm(RuntimeError):
+    """Training produced a value that means it is broken (NaN loss, a loss stuck at zero, ...)."""
+
+
+def check_loss(loss: float, step: int, zero_tol: float = 1e-6) -> None:
+    """Raise :class:`TrainingAlarm` if ``loss`` is NaN/inf or (near) zero; else return None.
+
+    A cross-entropy of exactly 0 on language data means something broke, most often fp16: the
+    loss overflows, the grad scaler skips steps and logs 0, or every label is -100.
+
+    >>> check_loss(2.3, step=5)
+    >>> check_loss(float("nan"), step=5)
+    Traceback (most recent call last):
+    qlora_helpers.training.TrainingAlarm: loss is nan at step 5. Likely fix: fp16 overflow -> use bf16 (compute capability >= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs.
+    """
+    if not math.isfinite(loss):
+        raise TrainingAlarm(
+            f"loss is {loss} at step {step}. Likely fix: fp16 overflow -> use bf16 (compute capability "
+            f">= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs.")
+    if loss <= zero_tol:
+        raise TrainingAlarm(
+            f"loss is {loss} at step {step}: a language-model loss is never exactly 0. Likely fix: if "
+            f"fp16, switch to bf16/fp32 (a known fp16 failure logs 0.0); check that not every label is "
+            f"-100 (response-only masking with a too-short max_length).")
+
+
+def warmup_lr(step: int, lr: float, warmup: int = 10) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant (the Trainer's ``constant_with_warmup``).
+
+    >>> [warmup_lr(s, 1.0, 10) for s in (0, 4, 9, 100)]
+    [0.1, 0.5, 1.0, 1.0]
+    """
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+
+class saved_tensor_bytes:
+    """Context manager: bytes of the tensors autograd saves for backward inside it (activations).
+
+    ``torch.autograd.graph.saved_tensors_hooks`` sees every saved tensor; each storage is counted
+    once (views share it) and parameters are skipped (they are held anyway). Read ``.total``
+    after the block::
+
+        with saved_tensor_bytes() as saved:
+            loss = model(**batch).loss
+        saved.total  # bytes kept until loss.backward()
+    """
+
+    def __init__(self):
+        import torch
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        import torch
+        if not isinstance(t, torch.nn.Parameter):
+            s = t.untyped_storage()
+            self._seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+
+def model_loss(model, batch: dict):
+    """The model's own loss on a batch (transformers shifts the labels and ignores -100)."""
+    return model(**batch, use_cache=False).loss
+
+
+def train_loop(model, optimizer, batches: Iterable[dict], lr: float, warmup: int = 10,
+               max_grad_norm: float | None = 0.3, count_activations: bool = False,
+               loss_fn: Callable = model_loss, schedule: Callable[[int], float] | None = None,
+               log: Callable | None = None, log_every: int = 100) -> dict:
+    """One optimizer step per batch: set the learning rate, forward, backward, clip, step, check.
+
+    Args:
+        model: what to train (only parameters with ``requires_grad`` are clipped and stepped).
+        optimizer: over those parameters. batches: dicts of tensors, moved to the model's device;
+            a list or any iterable (a generator of random windows works).
+        lr, warmup: the learning rate after a linear warm-up (:func:`warmup_lr`), unless
+            ``schedule(step) -> lr`` is given. max_grad_norm: gradient clipping (the QLoRA
+            paper's 0.3); None: no clipping.
+        count_activations: count the bytes autograd saves for backward on the first step
+            (:class:`saved_tensor_bytes`; slow, so once). loss_fn: ``loss_fn(model, batch)``.
+        log, log_every: ``log(message)`` every ``log_every`` steps and at the last one.
+    Returns:
+        ``{"losses": [...], "activation_bytes": int (0 unless counted), "seconds": float}``. The
+        model is left in train mode with the last step's gradients (for measuring their bytes).
+    Raises:
+        TrainingAlarm: a NaN, inf or zero loss (:func:`check_loss`).
+    """
+    import torch
+    schedule = schedule or (lambda step: warmup_lr(step, lr, warmup))
+    model.train()
+    losses, act, t0 = [], 0, time.perf_counter()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for step, batch in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
+        optimizer.zero_grad(set_to_none=True)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with saved_tensor_bytes() if (count_activations and step == 0) else nullcontext() as saved:
+            loss = loss_fn(model, batch)
+        act = saved.total if saved is not None else act
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        value = loss.item()
+        check_loss(value, step)
+        losses.append(value)
+        if log is not None and step % log_every == 0:
+            log(f"step {step:5d}  loss {value:.3f}  {time.perf_counter() - t0:.0f}s")
+    if log is not None and losses:
+        log(f"step {len(losses) - 1:5d}  loss {losses[-1]:.3f}  {time.perf_counter() - t0:.0f}s (last)")
+    return {"losses": losses, "activation_bytes": act, "seconds": time.perf_counter() - t0}
