@@ -9,7 +9,7 @@ This module made such a folder without any network:
 1. a byte-level BPE tokenizer (the GPT-2 / Llama 3 family of tokenizers) trained on English
    text that ships with CPython (``pydoc_data.topics``), digits split one per token as in
    Llama, with a ChatML-style chat template;
-2. a small Llama-architecture causal LM, *pretrained* on that text for about two minutes, so it
+2. a small Llama-architecture causal LM, *pretrained* on that text (about 75 s on 2 cores), so it
    is a base model (it continues English), not random weights;
 3. an instruction dataset for a task with an exact-match metric (date reformatting, see
    :func:`make_task_example`), as JSON Lines that ``datasets.load_dataset("json", ...)`` reads.
@@ -36,8 +36,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,7 +318,7 @@ def build_offline_assets_checked(out: Path, log=print, pretrain_steps: int = 500
     return [f for f in ASSET_FILES if f != "build_report.json" and shipped.get(f) != fresh[f]]
 
 
-def ensure_offline_assets(log=print) -> OfflineAssets:
+def ensure_offline_assets() -> OfflineAssets:
     """The offline profile's shipped assets, after checking every file's SHA-256.
 
     Raises:

@@ -188,7 +188,7 @@ def load_task_dataset(profile: Profile | None = None):
     """
     from datasets import load_dataset
     from .offline import ensure_offline_assets
-    return load_dataset("json", data_files=ensure_offline_assets(log=lambda *_: None).data_files)
+    return load_dataset("json", data_files=ensure_offline_assets().data_files)
 
 
 def load_chat_dataset(profile: Profile | None = None):

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def assets():
-    """The offline profile's assets (built once into $QLORA_KIT_CACHE, reused after)."""
+    """The offline profile's shipped assets (SHA-256 checked)."""
     from qlora_helpers.offline import ensure_offline_assets
     return ensure_offline_assets()
 

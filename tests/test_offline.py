@@ -1,6 +1,5 @@
 """The offline profile is a real pipeline: standard files, a pretrained base, a learnable task."""
 import json
-import math
 import random
 
 import bitsandbytes as bnb
