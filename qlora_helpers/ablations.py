@@ -23,16 +23,19 @@ Production code used and checked against: PEFT 0.21.2 (``LoraConfig(use_rslora=.
 ``peft.optimizers.create_lorafa_optimizer``), the kit's training building blocks
 (:func:`qlora_helpers.sft.lora_config`, :func:`~qlora_helpers.sft.prepare_qlora_model`,
 :func:`qlora_helpers.sft_data.tokenize_dataset`, :func:`~qlora_helpers.sft_data.padded_collator`),
-and :func:`qlora_helpers.evaluation.exact_match`. The loop is :func:`qlora_helpers.sft.train_loop`,
+and :func:`qlora_helpers.evaluation.exact_match`. The loop is :func:`qlora_helpers.training.train_loop`,
 plain PyTorch (linear warm-up then constant learning rate, max grad norm 0.3 as in
 :func:`qlora_helpers.sft.training_arguments`), because LoRA-FA needs its own optimizer object and
 the memory probe needs the forward pass.
 
 Memory on the CPU is counted, not sampled: ``state_bytes`` = bytes of trainable parameters +
 their gradients + optimizer state (exact, from the tensors); ``activation_bytes`` = bytes of the
-tensors autograd saves for backward in one training step (:class:`qlora_helpers.memory.
+tensors autograd saves for backward in one training step (:class:`qlora_helpers.training.
 saved_tensor_bytes`, each storage counted once, gradient checkpointing off so that what each
 layer keeps is visible). The frozen 4-bit base is the same for all variants and is not counted.
+
+Statistics over seeds are :mod:`qlora_helpers.seed_stats`, the figures
+:mod:`qlora_helpers.ablation_plots` (both re-exported here).
 
 Run the full grid: ``python -m qlora_helpers.ablations --full`` (writes build/ablations_full.json
 and figures/06_full_*.png; ``--only`` runs a shard, ``--combine`` joins shards). The kit commits
@@ -52,6 +55,11 @@ import torch
 from . import sft, sft_data
 from .evaluation import exact_match
 from .recipe import ABLATION_BASELINE, Recipe
+from .training import train_loop
+# Statistics over seeds and the grid's figures live in modules of their own; re-exported here,
+# where notebook 06 reads them as ab.summarize, ab.verdict, ab.plot_spread, ...
+from .ablation_plots import plot_curves, plot_rank, plot_spread, smooth  # noqa: F401
+from .seed_stats import results_table, separated, summarize, verdict  # noqa: F401
 
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
 # The full grid as the kit measured it (``--full``, two shards ``--combine``d); notebook 06 reads it.
@@ -230,7 +238,7 @@ def run_variant(profile, variant: dict, steps: int, seed: int, data: TaskData | 
     if torch.cuda.is_available():  # on a GPU, also the allocator's peak (base and all) while training
         torch.cuda.reset_peak_memory_stats()
     recipe = variant_recipe(variant, steps)
-    log = sft.train_loop(model, optimizer, train_batches(data, steps, seed), recipe.lr,
+    log = train_loop(model, optimizer, train_batches(data, steps, seed), recipe.lr,
                          recipe.warmup_steps, recipe.max_grad_norm, count_activations=True)
     em, _ = exact_match(model, data.tok, data.test_rows)
     return {**variant, "seed": seed, "steps": steps, "trainable": trainable, "init_loss": init_loss,
@@ -264,101 +272,6 @@ def run_grid(profile, variants: list[dict], steps: int, seeds=(0,), data: TaskDa
 
 
 # ----------------------------------------------------------------------------------------------
-# Summaries and figures
-# ----------------------------------------------------------------------------------------------
-def summarize(rows: list[dict], key: str) -> dict[str, tuple[float, float, int]]:
-    """Per variant name: (mean, sample std (0 for one seed), number of seeds) of ``rows[key]``."""
-    by: dict[str, list[float]] = {}
-    for r in rows:
-        by.setdefault(r["name"], []).append(float(r[key]))
-    return {n: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
-            for n, v in by.items()}
-
-
-def results_table(rows: list[dict]) -> str:
-    """One line per variant: mean ± std over seeds of EM and losses, params, memory, time (and the
-    GPU allocator's peak when the rows were trained on a GPU)."""
-    gpu = any(r.get("peak_gpu_bytes") for r in rows)
-    keys = ["exact_match", "final_loss", "eval_loss", "trainable", "state_bytes", "activation_bytes", "seconds"]
-    cols = {k: summarize(rows, k) for k in keys + (["peak_gpu_bytes"] if gpu else [])}
-    lines = [f"{'variant':>10} {'seeds':>5} {'exact match':>13} {'train loss':>10} {'eval loss':>15} "
-             f"{'trainable':>9} {'state KiB':>9} {'activ. KiB':>10} {'s':>5}" + (f" {'GPU MiB':>8}" if gpu else "")]
-    for name in cols["exact_match"]:
-        em, fl, el = (cols[k][name] for k in ("exact_match", "final_loss", "eval_loss"))
-        lines.append(f"{name:>10} {em[2]:>5} {em[0]:>6.3f} ± {em[1]:.3f} {fl[0]:>10.3f} "
-                     f"{el[0]:>7.3f} ± {el[1]:.3f} {cols['trainable'][name][0]:>9,.0f} "
-                     f"{cols['state_bytes'][name][0] / 1024:>9.0f} "
-                     f"{cols['activation_bytes'][name][0] / 1024:>10.0f} {cols['seconds'][name][0]:>5.1f}"
-                     + (f" {cols['peak_gpu_bytes'][name][0] / 2**20:>8.0f}" if gpu else ""))
-    return "\n".join(lines)
-
-
-def smooth(values: list[float], window: int = 10) -> list[float]:
-    """Trailing moving average.
-
-    >>> smooth([1, 3, 5], 2)
-    [1.0, 2.0, 4.0]
-    """
-    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
-
-
-def plot_rank(rows: list[dict], key: str = "eval_loss"):
-    """``key`` against r, LoRA's alpha/r versus rsLoRA's alpha/sqrt(r); mean ± std over seeds."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for rs, label in ((False, "alpha / r (LoRA)"), (True, "alpha / sqrt(r) (rsLoRA)")):
-        pts = sorted({r["r"]: r["name"] for r in rows if r["use_rslora"] == rs
-                      and r["name"].startswith("r")}.items())
-        stats = summarize(rows, key)
-        ax.errorbar([p[0] for p in pts], [stats[n][0] for _, n in pts],
-                    yerr=[stats[n][1] for _, n in pts], marker="o", capsize=3, label=label)
-    ax.set(xscale="log", xlabel="rank r", ylabel=key.replace("_", " "), title=f"{key.replace('_', ' ')} vs rank")
-    ax.set_xticks(sorted({r["r"] for r in rows}), labels=sorted({r["r"] for r in rows}))
-    ax.minorticks_off()  # log-axis minor labels (6x10^0 ...) would overprint the ranks
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def plot_curves(rows: list[dict], names: list[str] | None = None, window: int = 10):
-    """Smoothed training-loss curves, one line per variant (seed 0 if several)."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    done = set()
-    for r in rows:
-        if r["name"] in done or (names and r["name"] not in names):
-            continue
-        done.add(r["name"])
-        ax.plot(range(1, len(r["losses"]) + 1), smooth(r["losses"], window), label=r["name"])
-    ax.set(xlabel="step", ylabel=f"training loss ({window}-step mean)", yscale="log", title="loss curves")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    return fig
-
-
-def plot_spread(rows: list[dict], key: str = "exact_match", reference: str = "r16"):
-    """Every seed as a dot, the mean as a bar, one row per variant: is a gap bigger than the spread?
-    The ``reference`` variant's mean ± 2 std is shaded."""
-    import matplotlib.pyplot as plt
-    stats = summarize(rows, key)
-    names = list(stats)
-    fig, ax = plt.subplots(figsize=(6, 0.32 * len(names) + 1.2))
-    if reference in stats:
-        m, s, _ = stats[reference]
-        ax.axvspan(m - 2 * s, m + 2 * s, color="C0", alpha=0.15, label=f"{reference} mean ± 2 std")
-    for i, n in enumerate(names):
-        vals = [float(r[key]) for r in rows if r["name"] == n]
-        ax.plot(vals, [i] * len(vals), "o", color="C1", alpha=0.7, ms=4)
-        ax.plot([stats[n][0]] * 2, [i - 0.3, i + 0.3], color="k", lw=2)
-    ax.set_yticks(range(len(names)), labels=names)
-    ax.invert_yaxis()
-    ax.set(xlabel=key.replace("_", " "), title=f"{key.replace('_', ' ')}: each seed (dots), mean (bar)")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line: python -m qlora_helpers.ablations [--full]
 # ----------------------------------------------------------------------------------------------
 def grid(full: bool) -> dict:
@@ -379,32 +292,6 @@ def run_plan(profile, plan: dict, data: TaskData | None = None, log=print) -> li
     extra = [s for s in plan["main_seeds"] if s not in plan["seeds"]]
     main = [v for v in plan["variants"] if v["name"] in plan["main"]]
     return rows + run_grid(profile, main, plan["steps"], extra, data, log)
-
-
-def separated(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> bool | None:
-    """The kit's rule: is the difference of the means of ``a`` and ``b`` larger than twice the
-    larger seed std? None with fewer than 2 seeds of either.
-
-    >>> rows = [{"name": n, "v": v} for n, v in [("a", 1.0), ("a", 1.2), ("b", 2.0), ("b", 2.2)]]
-    >>> separated(rows, "a", "b", "v"), separated(rows + [{"name": "b", "v": 0.0}], "a", "b", "v")
-    (True, False)
-    """
-    st = summarize(rows, key)
-    (ma, sa, na), (mb, sb, nb) = st[a], st[b]
-    if min(na, nb) < 2:
-        return None
-    return abs(ma - mb) > 2 * max(sa, sb)
-
-
-def verdict(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> str:
-    """:func:`separated` in words. Says "not enough seeds" with fewer than 2 seeds each."""
-    st = summarize(rows, key)
-    (ma, sa, na), (mb, sb, nb) = st[a], st[b]
-    real = separated(rows, a, b, key)
-    if real is None:
-        return f"{a} vs {b}: {key} {ma:.3f} vs {mb:.3f}, not enough seeds to judge"
-    return (f"{a} vs {b}: {key} {ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} over {min(na, nb)} seeds: "
-            f"{'difference larger than 2 std' if real else 'within seed noise'}")
 
 
 # ----------------------------------------------------------------------------------------------

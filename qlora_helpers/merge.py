@@ -56,7 +56,7 @@ from .recipe import KIT_LOOP, Recipe
 # ---------------------------------------------------------------------------------------------
 def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
     """AdamW on the trainable (LoRA) weights over chat rows, with the kit's plain loop
-    (:func:`qlora_helpers.sft.train_loop`: linear warm-up, then constant lr, gradients clipped).
+    (:func:`qlora_helpers.training.train_loop`: linear warm-up, then constant lr, gradients clipped).
 
     Args:
         model: a ``PeftModel`` (only its LoRA weights require grad). tok: its tokenizer.
@@ -65,7 +65,7 @@ def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
     Returns:
         The loss of every step. The model is left in eval mode.
     """
-    from .sft import train_loop
+    from .training import train_loop
     from .sft_data import shuffled_batches, tokenize_dataset
     batches = shuffled_batches(tokenize_dataset(rows, tok), tok, recipe.steps, recipe.seed, recipe.batch_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
