@@ -43,10 +43,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str | Path, files: list[str], extra: dict | None = None) -> Path:
+def write_manifest(folder: str | Path, files: list[str]) -> Path:
     """Record the SHA-256 of ``files`` (paths relative to ``folder``) in ``folder/MANIFEST.json``."""
     folder = Path(folder)
-    doc = {"files": {f: sha256_file(folder / f) for f in sorted(files)}, **(extra or {})}
+    doc = {"files": {f: sha256_file(folder / f) for f in sorted(files)}}
     path = folder / MANIFEST
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path

@@ -7,8 +7,9 @@ mode on an input that needs no gradient (``Linear4bit.forward`` calls
 of 32 rows, the double-quantized absmax is expanded, transposed and rounded to bf16, and
 ``quant_state.packing_format_for_cpu`` becomes True. From then on, anything that reads
 ``weight.data`` as NF4 bytes (``dequantize_4bit``, PEFT's 4-bit merge, a byte comparison, even a
-later *training* step) works on a different layout: measured on such a CPU, an adapter trained
-after one evaluation of the fresh base reached exact match 0.000 instead of 0.975-1.000
+later *training* step's backward) works on a different layout: measured on such a CPU with
+the kit's model, after one eval forward of four tokens ``dequantize_4bit`` on
+``layers.0.mlp.up_proj`` was off by 0.295, more than the layer's largest weight (0.194)
 (``TROUBLESHOOTING.md``, "The CPU repack"). On CPUs without the feature nothing happens, so the
 same notebook gives different answers on different machines.
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qlora_helpers import adapters, merge as M
+from qlora_helpers import adapters, cpu_layout, merge as M
 
 R = 4  # small for test speed
 
@@ -138,8 +138,7 @@ def test_evaluate_then_merge_is_exact_with_repack_switched_off(offline_profile, 
                         lambda w, s, *a, **k: (calls.append(1), (w, s))[1])  # spy, layout untouched
     model = lora_4bit(offline_profile)
     fresh = lora_weights(M.merge_to_fp(model))
-    for m in M.linear4bit_modules(model).values():
-        m.support_avx512bf16_for_cpu = True  # pretend this CPU has AVX512-BF16
+    cpu_layout.pretend_avx512bf16(model)  # as on a CPU with AVX512-BF16
     M.logits_and_mask(model, tok, texts)
     assert calls, "an eval no-grad forward should trigger the repack on such a CPU"
     calls.clear()
