@@ -34,8 +34,9 @@ tensors autograd saves for backward in one training step (:class:`qlora_helpers.
 saved_tensor_bytes`, each storage counted once, gradient checkpointing off so that what each
 layer keeps is visible). The frozen 4-bit base is the same for all variants and is not counted.
 
-Statistics over seeds are :mod:`qlora_helpers.seed_stats`, the figures
-:mod:`qlora_helpers.ablation_plots` (both re-exported here).
+This module is the runner (data, model, optimizer, one variant, a grid), the results files and the
+command line. What to run is :mod:`qlora_helpers.ablation_plan`, statistics over seeds
+:mod:`qlora_helpers.seed_stats`, the figures :mod:`qlora_helpers.ablation_plots` (all re-exported here).
 
 Run the full grid: ``python -m qlora_helpers.ablations --full`` (writes build/ablations_full.json
 and figures/06_full_*.png; ``--only`` runs a shard, ``--combine`` joins shards). The kit commits
@@ -54,79 +55,18 @@ import torch
 
 from . import sft, sft_data
 from .evaluation import exact_match
-from .recipe import ABLATION_BASELINE, Recipe
 from .training import train_loop
 # Statistics over seeds and the grid's figures live in modules of their own; re-exported here,
 # where notebook 06 reads them as ab.summarize, ab.verdict, ab.plot_spread, ...
 from .ablation_plots import plot_curves, plot_rank, plot_spread, smooth  # noqa: F401
 from .seed_stats import results_table, separated, summarize, verdict  # noqa: F401
+# What to run (the baseline, the variants, the grids) is the plan, in a module of its own.
+from .ablation_plan import (BASELINE, CURVES, INITS, OPTIMIZERS, TARGETS, grid, lora_config_for,  # noqa: F401
+                            make_variant, method_variants, rank_variants, variant_recipe)
 
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
 # The full grid as the kit measured it (``--full``, two shards ``--combine``d); notebook 06 reads it.
 FULL_RESULTS = Path(__file__).parent / "results" / "ablations_full.json"
-TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-           "all-linear": "all-linear"}
-INITS = ("default", "loftq")
-CURVES = ["r4", "r16", "r64", "r64-rs", "qv", "lorafa", "dora"]  # the full grid's loss-curve figure
-OPTIMIZERS = ("adamw", "lorafa")
-# The baseline every variant changes one thing of: the recipe ABLATION_BASELINE (r 16, alpha 16,
-# the QLoRA paper's alpha; no dropout; lr 3e-3, the kit's fast CPU rate) on all linear layers,
-# PEFT's default init and AdamW. A variant is a flat dict (what the results file stores); its
-# LoRA and training numbers become a Recipe in variant_recipe, which checks them.
-BASELINE = {"r": ABLATION_BASELINE.r, "lora_alpha": ABLATION_BASELINE.lora_alpha, "targets": "all-linear",
-            "use_rslora": ABLATION_BASELINE.use_rslora, "init": "default", "loftq_iter": 1,
-            "optimizer": "adamw", "use_dora": ABLATION_BASELINE.use_dora, "lr": ABLATION_BASELINE.lr,
-            "lora_dropout": ABLATION_BASELINE.lora_dropout}
-
-
-# ----------------------------------------------------------------------------------------------
-# Variants
-# ----------------------------------------------------------------------------------------------
-def make_variant(name: str, **changes) -> dict:
-    """The baseline with ``changes``, validated: ``make_variant("r64-rs", r=64, use_rslora=True)``.
-
-    Raises:
-        ValueError: an unknown setting or an invalid value (r <= 0, unknown targets/init/optimizer).
-    """
-    unknown = set(changes) - set(BASELINE)
-    if unknown:
-        raise ValueError(f"unknown variant setting(s) {sorted(unknown)}; known: {sorted(BASELINE)}")
-    v = {"name": name, **BASELINE, **changes}
-    for key, allowed in (("targets", tuple(TARGETS)), ("init", INITS), ("optimizer", OPTIMIZERS)):
-        if v[key] not in allowed:
-            raise ValueError(f"variant {name!r}: {key}={v[key]!r} is not one of {allowed}")
-    try:
-        variant_recipe(v)  # the recipe's own checks: r a positive int, lr and alpha > 0, ...
-    except ValueError as err:
-        raise ValueError(f"variant {name!r}: {err}") from None
-    return v
-
-
-def variant_recipe(variant: dict, steps: int | None = None) -> Recipe:
-    """The variant's LoRA and training numbers as a :class:`~qlora_helpers.recipe.Recipe`."""
-    changes = {k: variant[k] for k in ("r", "lora_alpha", "lora_dropout", "lr", "use_rslora", "use_dora")}
-    return ABLATION_BASELINE.replace(target_modules=TARGETS[variant["targets"]], **changes,
-                                     **({"steps": steps} if steps else {}))
-
-
-def rank_variants(ranks=(4, 16, 64)) -> list[dict]:
-    """Each rank with LoRA's ``alpha / r`` and rsLoRA's ``alpha / sqrt(r)`` (alpha fixed)."""
-    return [make_variant(f"r{r}{'-rs' if rs else ''}", r=r, use_rslora=rs)
-            for r in ranks for rs in (False, True)]
-
-
-def method_variants() -> list[dict]:
-    """Targets, init, optimizer and DoRA, each changed alone from the baseline (r 16, all linear)."""
-    return [make_variant("qv", targets="qv"), make_variant("attention", targets="attention"),
-            make_variant("loftq", init="loftq"), make_variant("lorafa", optimizer="lorafa"),
-            make_variant("dora", use_dora=True)]
-
-
-def lora_config_for(variant: dict):
-    """The variant's PEFT ``LoraConfig`` (targets, rank, alpha, rsLoRA, DoRA): its recipe's."""
-    return variant_recipe(variant).lora_config()
-
-
 # ----------------------------------------------------------------------------------------------
 # Data: the same batches, in a seed-determined order, for every variant
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +125,7 @@ def make_optimizer(model, variant: dict):
 
 def state_bytes(model, optimizer) -> int:
     """Bytes of trainable parameters + their gradients + optimizer state."""
-    from .memory import optimizer_bytes
+    from .measured_memory import optimizer_bytes
     trainable = [p for p in model.parameters() if p.requires_grad]
     params = sum(p.numel() * p.element_size() for p in trainable)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
@@ -274,17 +214,6 @@ def run_grid(profile, variants: list[dict], steps: int, seeds=(0,), data: TaskDa
 # ----------------------------------------------------------------------------------------------
 # Command line: python -m qlora_helpers.ablations [--full]
 # ----------------------------------------------------------------------------------------------
-def grid(full: bool) -> dict:
-    """The reduced CI grid (r 4/64 both scalings, r 16, 40 steps, 100 test rows, 3 seeds for the main comparison) or the full one
-    (r 4..64, 300 steps, 3 seeds for every variant). Keys: variants, steps, seeds, main, main_seeds."""
-    if full:
-        variants = rank_variants((4, 8, 16, 32, 64)) + method_variants()
-    else:  # r16 (the baseline) without its rsLoRA twin, to fit CI's few minutes
-        variants = rank_variants((4, 64)) + [make_variant("r16")] + method_variants()
-    return {"variants": variants, "steps": 300 if full else 40, "seeds": (0, 1, 2) if full else (0,),
-            "main": ["r16", "qv"], "main_seeds": (0, 1, 2), "n_test": 200 if full else 100}
-
-
 def run_plan(profile, plan: dict, data: TaskData | None = None, log=print) -> list[dict]:
     """Every variant on ``plan["seeds"]``, then the main comparison on its missing seeds."""
     data = data or load_task(profile)
@@ -293,32 +222,6 @@ def run_plan(profile, plan: dict, data: TaskData | None = None, log=print) -> li
     main = [v for v in plan["variants"] if v["name"] in plan["main"]]
     return rows + run_grid(profile, main, plan["steps"], extra, data, log)
 
-
-# ----------------------------------------------------------------------------------------------
-# Exercise checkers (notebook 06, "Exercises")
-# ----------------------------------------------------------------------------------------------
-from .exercises import attempted as _attempted, expect  # noqa: E402  (shared by all checkers)
-
-
-def check_param_count(config, answer) -> bool:
-    """Exercise 1: trainable LoRA parameters at r = 32 on the four attention projections."""
-    if not _attempted(answer, "Exercise 1"):
-        return False
-    from .lora import llama_lora_param_count
-    want = llama_lora_param_count(config, 32, TARGETS["attention"])
-    expect(int(answer) == want, f"got {answer}; per layer and projection r * (in + out), summed over "
-                                 f"q, k, v, o (k and v are narrower: grouped-query attention), times layers")
-    print(f"Exercise 1: correct, {want:,} parameters.")
-    return True
-
-
-def check_rslora_scale(answer) -> bool:
-    """Exercise 2: the r at which rsLoRA's alpha/sqrt(r) is 4x LoRA's alpha/r (any alpha)."""
-    if not _attempted(answer, "Exercise 2"):
-        return False
-    expect(int(answer) == 16, f"got {answer}; solve (alpha / sqrt(r)) / (alpha / r) = sqrt(r) = 4")
-    print("Exercise 2: correct, r = 16: the gap grows as sqrt(r).")
-    return True
 
 
 class DifferentBaseError(ValueError):

@@ -53,12 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .double_quant import storage_bytes
-from .training import saved_tensor_bytes  # noqa: F401  (re-exported: measured activations, notebook 03)
 
 __all__ = [
     "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS", "OPTIMIZERS",
     "load_config", "count_params", "linear_shapes", "lora_shapes", "nf4_bytes",
-    "optimizer_state_bytes", "activation_bytes", "MemoryEstimate", "estimate_memory", "will_it_fit",
+    "optimizer_state_bytes", "activation_bytes", "MemoryEstimate", "estimate_memory", "Fit", "will_it_fit",
     "main",
 ]
 
@@ -90,8 +89,16 @@ PUBLISHED_PARAMS = {   # from the models' safetensors index / model cards
     "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-33b": 32_528_943_616,
     "llama-65b": 65_285_660_672, "llama-2-70b": 68_976_648_192, "llama-3-8b": 8_030_261_248,
 }
-GPUS = {   # memory as nvidia-smi reports it (MiB); the CUDA context comes out of it (A5)
-    "t4": 15360 * 2 ** 20, "l4": 23034 * 2 ** 20, "a100-40gb": 40960 * 2 ** 20, "a100-80gb": 81920 * 2 ** 20,
+GPUS = {   # memory.total as nvidia-smi reports it on each card (MiB); the CUDA context comes out of it (A5)
+    "t4": 15360 * 2 ** 20,          # Colab's free GPU
+    "l4": 23034 * 2 ** 20,          # Colab
+    "a10": 23028 * 2 ** 20,         # 24 GB class (NVML total 24,146,608,128 bytes)
+    "rtx-4090": 24564 * 2 ** 20,    # 24 GB consumer card (the paper: 33B on 24 GB)
+    "a100-40gb": 40960 * 2 ** 20,   # Colab
+    "l40s": 46068 * 2 ** 20,        # 48 GB class, ECC on
+    "rtx-a6000": 49140 * 2 ** 20,   # 48 GB class (the paper's headline: 65B on one 48 GB GPU)
+    "a100-80gb": 81920 * 2 ** 20,
+    "h100-80gb": 81559 * 2 ** 20,
 }
 ONLINE_TABLE_GB = {   # the table learners meet online: full / 16-bit LoRA / QLoRA, in GB
     "7B": (120, 16, 6), "13B": (240, 32, 12), "30B": (600, 64, 24), "65B": (1200, 160, 48), "70B": (1200, 160, 48),
@@ -321,7 +328,8 @@ def _weights(config, method: str, n_params: int, upcast_non_quantized: bool) -> 
 def estimate_memory(config, method: str = "qlora", r: int = 16, target_modules="all-linear",
                     batch_size: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
                     optimizer: str = "adamw", upcast_non_quantized: bool = True,
-                    cuda_context_gib: float = 0.5, fragmentation: float = 0.10) -> MemoryEstimate:
+                    cuda_context_gib: float = 0.5, fragmentation: float = 0.10,
+                    adapter_bytes: int = 4) -> MemoryEstimate:
     """Peak GPU memory of a fine-tuning run, per component (assumptions A1-A5, module docstring).
 
     Args:
@@ -331,6 +339,8 @@ def estimate_memory(config, method: str = "qlora", r: int = 16, target_modules="
         batch_size, seq_len, gradient_checkpointing: decide the activations (A4).
         optimizer: "adamw" (32-bit), "adamw_8bit" or "paged_adamw_8bit".
         upcast_non_quantized: QLoRA's non-NF4 parameters in fp32 (prepare_model_for_kbit_training).
+        adapter_bytes: bytes per LoRA parameter and per gradient: 4 (fp32, PEFT's default today,
+            A2) or 2 (bf16, as the paper's ``qlora.py`` cast its LoRA modules).
         cuda_context_gib, fragmentation: the overhead allowance (A5); 0 and 0 for what
             ``max_memory_allocated`` sees.
     Returns:
@@ -348,66 +358,60 @@ def estimate_memory(config, method: str = "qlora", r: int = 16, target_modules="
     else:
         shapes = lora_shapes(config, r, target_modules)
         n_train = sum(a * b for a, b in shapes)
-        comp["lora params"] = 4 * n_train                              # fp32 adapters (A2)
-        comp["gradients"] = 4 * n_train                                # fp32 gradients (A2)
+        if adapter_bytes not in (2, 4):
+            raise ValueError(f"adapter_bytes must be 4 (fp32) or 2 (bf16), got {adapter_bytes!r}")
+        comp["lora params"] = adapter_bytes * n_train                  # fp32 adapters (A2)
+        comp["gradients"] = adapter_bytes * n_train                    # gradients in the adapters' dtype
     comp["optimizer states"] = optimizer_state_bytes(shapes, optimizer)
     comp["activations"] = activation_bytes(config, batch_size, seq_len, gradient_checkpointing)
     comp["cuda context + frag."] = int(cuda_context_gib * GiB + fragmentation * sum(comp.values()))
     assumptions = dict(r=r, target_modules=target_modules, batch_size=batch_size, seq_len=seq_len,
                        gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
                        upcast_non_quantized=upcast_non_quantized, cuda_context_gib=cuda_context_gib,
-                       fragmentation=fragmentation)
+                       fragmentation=fragmentation, adapter_bytes=adapter_bytes)
     return MemoryEstimate(method, n_params, n_train, comp, assumptions)
 
 
-def will_it_fit(estimate: MemoryEstimate, gpu: str) -> tuple[bool, int]:
-    """``(fits, margin_bytes)``: margin = GPU memory - estimated total (negative: short by that much)."""
+@dataclass(frozen=True)
+class Fit:
+    """The verdict of :func:`will_it_fit`, as data: the GPU, its memory and what the run needs (bytes).
+
+    >>> f = Fit("t4", capacity=16_106_127_360, needed=10_000_000_000)
+    >>> f.fits, round(f.margin / GB, 2)
+    (True, 6.11)
+    >>> print(f)
+    T4 (16.1 GB): fits, margin 6.11 GB
+    >>> print(Fit("t4", 16_106_127_360, 20_000_000_000))
+    T4 (16.1 GB): does NOT fit, short by 3.89 GB
+    """
+    gpu: str
+    capacity: int
+    needed: int
+
+    @property
+    def margin(self) -> int:
+        """GPU memory - estimated total (negative: short by that much)."""
+        return self.capacity - self.needed
+
+    @property
+    def fits(self) -> bool:
+        return self.margin >= 0
+
+    def __str__(self) -> str:
+        said = f"fits, margin {self.margin / GB:.2f} GB" if self.fits else f"does NOT fit, short by {-self.margin / GB:.2f} GB"
+        return f"{self.gpu.upper()} ({self.capacity / GB:.1f} GB): {said}"
+
+
+def will_it_fit(estimate: MemoryEstimate, gpu: str) -> Fit:
+    """Does the run of ``estimate`` fit on ``gpu`` (a key of :data:`GPUS`)? A :class:`Fit`."""
     key = gpu.lower()
     if key not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; use one of {', '.join(GPUS)}")
-    margin = GPUS[key] - estimate.total
-    return margin >= 0, margin
+    return Fit(key, GPUS[key], estimate.total)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Measuring what is really there (CPU or GPU)
-# ---------------------------------------------------------------------------------------------
-def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or not hasattr(t, "data_ptr") or t.data_ptr() in seen:
-            continue                                                   # shared tensors count once
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
-def loaded_model_bytes(model) -> dict[str, int]:
-    """Bytes a loaded (4-bit) model holds: parameters (packed NF4 as uint8), quantization
-    constants (every Linear4bit's quant state), buffers (e.g. rotary frequencies)."""
-    from .double_quant import measured_bytes
-    constants = 0
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            parts = measured_bytes(module.weight.data, state)
-            constants += sum(parts.values()) - parts["packed"]
-    return {"weights": _tensor_bytes(model.parameters()), "quant constants": constants,
-            "buffers": _tensor_bytes(model.buffers())}
-
-
-def optimizer_bytes(optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state`` (shared tensors such as bitsandbytes' code
-    maps counted once; Python ints such as bitsandbytes' step counter are not tensors: 0 bytes)."""
-    import torch
-    return _tensor_bytes(v for state in optimizer.state.values() for v in state.values()
-                         if isinstance(v, torch.Tensor))
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Command line: python -m qlora_helpers.memory CONFIG --gpu t4
+# 4. Command line: python -m qlora_helpers.memory CONFIG --gpu t4
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Print the estimate and whether it fits; exit status 0 if it fits, 1 if not."""
@@ -431,12 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fits, margin = will_it_fit(est, args.gpu)
+    fit = will_it_fit(est, args.gpu)
     print(est.table())
-    verdict = "fits" if fits else "does NOT fit"
-    print(f"{args.gpu.upper()} ({GPUS[args.gpu] / GB:.1f} GB): {verdict}, "
-          f"{'margin' if fits else 'short by'} {abs(margin) / GB:.2f} GB")
-    return 0 if fits else 1
+    print(fit)
+    return 0 if fit.fits else 1
 
 
 if __name__ == "__main__":

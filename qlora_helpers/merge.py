@@ -48,7 +48,6 @@ from .cpu_layout import (  # noqa: F401  (re-exported: notebook 05 teaches the t
     is_4bit, is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
     simulate_cpu_repack, standard_layout)
 from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
-from .exercises import attempted, expect
 from .recipe import KIT_LOOP, Recipe
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +139,7 @@ def _lora_delta(layer) -> torch.Tensor:
     return layer.get_delta_weight(layer.active_adapters[0]).float()  # (out, in)
 
 
-def _merged_weight(module: nn.Module) -> torch.Tensor | None:
+def merged_weight(module: nn.Module) -> torch.Tensor | None:
     """W + ΔW (a LoRA layer), dequant(W) (a 4-bit layer), or None (anything else)."""
     from peft.tuners.lora import LoraLayer
     if isinstance(module, LoraLayer):
@@ -179,7 +178,7 @@ def merge_to_fp(model, dtype: torch.dtype = torch.float32):
     for key, ref in plain.state_dict().items():
         mod_name, _, leaf = key.rpartition(".")
         module = base.get_submodule(mod_name)
-        merged = _merged_weight(module) if leaf == "weight" else None
+        merged = merged_weight(module) if leaf == "weight" else None
         state[key] = merged if merged is not None else _plain_param(module, leaf)
     plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     return plain.eval()
@@ -284,37 +283,3 @@ def save_merged(model, tok, path: str | Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. Exercise checkers (notebook 05, "Exercises")
-# ---------------------------------------------------------------------------------------------
-def check_merged_layer(merged_weight_fn, model) -> bool:
-    """``merged_weight_fn(lora_layer) -> (out, in) tensor``: W + ΔW of one PEFT LoRA layer on a
-    4-bit base, by hand (dequantize, then add ``scaling * B @ A``). Checked on every layer."""
-    from peft.tuners.lora import LoraLayer
-    layers = [m for m in model.get_base_model().modules() if isinstance(m, LoraLayer)]
-    got = merged_weight_fn(layers[0])
-    if got is None:
-        print("Exercise 1: not attempted yet (the function returned None).")
-        return False
-    for layer in layers:
-        want = _merged_weight(layer)
-        got = merged_weight_fn(layer)
-        expect(tuple(got.shape) == tuple(want.shape), f"want shape (out, in) = {tuple(want.shape)}, got {tuple(got.shape)}")
-        expect(torch.allclose(got.float(), want, atol=1e-5), "wrong merged weight: dequantize the 4-bit base (read it safely, see dequantize_weight), "
-            "then add scaling * lora_B @ lora_A")
-    print(f"Exercise 1: correct on all {len(layers)} LoRA layers.")
-    return True
-
-
-def check_adapter_bytes(answer, config, r: int = 16) -> bool:
-    """Bytes of the fp32 LoRA tensors of an all-linear rank-``r`` adapter on ``config``'s model."""
-    from .lora import llama_lora_param_count
-    if not attempted(answer, "Exercise 2"):
-        return False
-    want = 4 * llama_lora_param_count(config, r)  # fp32: 4 bytes per A or B entry
-    expect(int(answer) == want, f"{answer} bytes: count r * (in + out) per targeted layer (7 per "
-                                 f"decoder layer), times the layers, times 4 bytes (fp32)")
-    print(f"Exercise 2: correct, {want:,} bytes of LoRA weights (the file adds a small JSON header).")
-    return True

@@ -195,31 +195,28 @@ def plot_training(history: list[dict]):
 # ----------------------------------------------------------------------------------------------
 # Throughput: padding versus packing
 # ----------------------------------------------------------------------------------------------
-def tokens_per_second(model, batches: list[dict]) -> dict[str, float]:
-    """Forward + backward over ``batches``; real (non-pad) tokens per second and the pad share.
+def tokens_per_second(model, batches: list[dict], optimizer=None) -> dict[str, float]:
+    """Training throughput: real (non-pad) tokens per second of :func:`~qlora_helpers.training.train_loop`
+    steps (forward, backward, clipping, optimizer step) over ``batches``, and the pad share.
 
     Args:
         batches: collated batches (padded ones carry ``attention_mask``; packed ones
-            ``position_ids``). The first batch is a warm-up and is not timed.
+            ``position_ids``). The first batch is a warm-up step and is not timed.
+        optimizer: the optimizer to step; default AdamW at learning rate 0, so the model's weights
+            do not change while it is timed (AdamW's state does).
     Returns:
         ``{"tokens_per_s", "pad_share", "seconds"}``.
     """
-    model.train()
-    real = total = 0
-    t0 = None
-    for i, b in enumerate(batches):
-        if i == 1:
-            t0 = time.perf_counter()
-        b = {k: v.to(model.device) for k, v in b.items()}
-        model(**b, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-        if i >= 1:
-            n = b["input_ids"].numel()
-            total += n
-            real += int(b["attention_mask"].sum()) if "attention_mask" in b else n
-    if t0 is None:
-        raise ValueError("tokens_per_second needs at least 2 batches (the first is a warm-up)")
-    seconds = time.perf_counter() - t0
+    if len(batches) < 2:
+        raise ValueError(f"tokens_per_second needs at least 2 batches (the first is a warm-up), got {len(batches)}")
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    lr = optimizer.param_groups[0]["lr"]
+    train_loop(model, optimizer, batches[:1], lr=lr, warmup=0)
+    seconds = train_loop(model, optimizer, batches[1:], lr=lr, warmup=0)["seconds"]
+    total = sum(b["input_ids"].numel() for b in batches[1:])
+    real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches[1:])
+    model.zero_grad(set_to_none=True)
     return {"tokens_per_s": real / seconds, "pad_share": 1 - real / total, "seconds": seconds}
 
 

@@ -4,6 +4,7 @@ import torch
 import bitsandbytes.functional as bnbF
 
 from qlora_helpers import double_quant as dq
+from qlora_helpers.exercises import lesson03 as ex03
 
 
 def bnb_dq(w):
@@ -97,8 +98,8 @@ def test_offline_model_bytes(offline_profile):
 
 
 def test_checkers():
-    assert dq.check_bits_per_param_dq(128, 4 + 8 / 128 + 32 / (128 * 256))
-    assert not dq.check_bits_per_param_dq(64, None)
+    assert ex03.check_bits_per_param_dq(128, 4 + 8 / 128 + 32 / (128 * 256))
+    assert not ex03.check_bits_per_param_dq(64, None)
     with pytest.raises(AssertionError):
-        dq.check_bits_per_param_dq(64, 4.5)
-    assert dq.check_layer_bytes((64, 128), sum(dq.storage_bytes(64 * 128).values()))
+        ex03.check_bits_per_param_dq(64, 4.5)
+    assert ex03.check_layer_bytes((64, 128), sum(dq.storage_bytes(64 * 128).values()))

@@ -10,6 +10,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qlora_helpers import lora
+from qlora_helpers.exercises import lesson01 as ex01
 from qlora_helpers.lora import (LoRALinear, copy_lora_to_peft, count_trainable, find_targets,
                                 inject_lora, lora_layers, merge_lora, randomize_lora, unmerge_lora)
 
@@ -298,18 +299,18 @@ def test_chat_batch_masks_padding(tok):
 
 # ---- 5. exercise checkers can pass, wait and fail ----------------------------------------------
 def test_exercise_checkers():
-    assert lora.check_exercise_1(40 * 2 * 8 * (5120 + 5120)) is True
-    assert lora.check_exercise_1(None) is False
+    assert ex01.check_exercise_1(40 * 2 * 8 * (5120 + 5120)) is True
+    assert ex01.check_exercise_1(None) is False
     with pytest.raises(AssertionError):
-        lora.check_exercise_1(40 * 8 * (5120 + 5120))
+        ex01.check_exercise_1(40 * 8 * (5120 + 5120))
 
     def good_delta(A, B, alpha, r, use_rslora):
         return (B @ A) * (alpha / math.sqrt(r) if use_rslora else alpha / r)
 
-    assert lora.check_exercise_2(good_delta) is True
-    assert lora.check_exercise_2(lambda *a: None) is False
+    assert ex01.check_exercise_2(good_delta) is True
+    assert ex01.check_exercise_2(lambda *a: None) is False
     with pytest.raises(AssertionError):
-        lora.check_exercise_2(lambda A, B, alpha, r, rs: (B @ A) * alpha / r)  # ignores rsLoRA
+        ex01.check_exercise_2(lambda A, B, alpha, r, rs: (B @ A) * alpha / r)  # ignores rsLoRA
 
     def good_plain(layer):
         plain = nn.Linear(layer.base_layer.in_features, layer.base_layer.out_features)
@@ -318,12 +319,12 @@ def test_exercise_checkers():
             plain.bias.copy_(layer.base_layer.bias)
         return plain
 
-    assert lora.check_exercise_3(good_plain) is True
-    assert lora.check_exercise_3(lambda layer: None) is False
+    assert ex01.check_exercise_3(good_plain) is True
+    assert ex01.check_exercise_3(lambda layer: None) is False
     with pytest.raises(AssertionError):
-        lora.check_exercise_3(lambda layer: layer.base_layer)  # forgets ΔW
+        ex01.check_exercise_3(lambda layer: layer.base_layer)  # forgets ΔW
 
-    assert lora.check_exercise_4(16) is True
-    assert lora.check_exercise_4(None) is False
+    assert ex01.check_exercise_4(16) is True
+    assert ex01.check_exercise_4(None) is False
     with pytest.raises(AssertionError):
-        lora.check_exercise_4(32)
+        ex01.check_exercise_4(32)

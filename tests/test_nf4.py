@@ -7,6 +7,7 @@ import torch
 from bitsandbytes import functional as bnbF
 
 from qlora_helpers import nf4
+from qlora_helpers.exercises import lesson02 as ex02
 from qlora_helpers.nf4 import (ALLOWED_BLOCKSIZES, FLOAT_DTYPES, dequantize_nf4, nf4_levels,
                                quantize_nf4)
 
@@ -296,21 +297,21 @@ def test_empty_and_mismatched_inputs_are_clear_errors():
 
 # --- exercise checkers -----------------------------------------------------------------------
 def test_checkers_accept_right_answers_and_reject_wrong_ones(capsys):
-    assert nf4.check_nf4_level_count(None) is False
+    assert ex02.check_nf4_level_count(None) is False
     assert "not attempted" in capsys.readouterr().out
-    assert nf4.check_nf4_level_count(nf4_levels())
+    assert ex02.check_nf4_level_count(nf4_levels())
     with pytest.raises(AssertionError, match="bit-exact"):
-        nf4.check_nf4_level_count(nf4_levels(nf4.paper_offset()))
-    assert nf4.check_offset(nf4.paper_offset())
+        ex02.check_nf4_level_count(nf4_levels(nf4.paper_offset()))
+    assert ex02.check_offset(nf4.paper_offset())
     with pytest.raises(AssertionError):
-        nf4.check_offset(1 - 1 / 32)
-    assert nf4.check_pack(nf4.pack_nibbles)
+        ex02.check_offset(1 - 1 / 32)
+    assert ex02.check_pack(nf4.pack_nibbles)
     low_nibble_first = lambda c: (lambda p: (p << 4) | (p >> 4))(nf4.pack_nibbles(c))  # noqa: E731
     with pytest.raises(AssertionError, match="high nibble"):
-        nf4.check_pack(low_nibble_first)
-    assert nf4.check_bits_per_param(128, 4.25)
+        ex02.check_pack(low_nibble_first)
+    assert ex02.check_bits_per_param(128, 4.25)
     with pytest.raises(AssertionError):
-        nf4.check_bits_per_param(128, 4.5)
-    assert nf4.check_uniform_winner("int4")  # evenly spaced levels win on uniform data
+        ex02.check_bits_per_param(128, 4.5)
+    assert ex02.check_uniform_winner("int4")  # evenly spaced levels win on uniform data
     with pytest.raises(AssertionError):
-        nf4.check_uniform_winner("nf4")
+        ex02.check_uniform_winner("nf4")

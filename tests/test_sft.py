@@ -137,7 +137,7 @@ def _date_rows(n):
 
 
 def test_saved_tensor_bytes_by_hand():
-    from qlora_helpers.memory import saved_tensor_bytes
+    from qlora_helpers.measured_memory import saved_tensor_bytes
     w = torch.nn.Parameter(torch.randn(64, 32))
     x = torch.randn(10, 64)
     with saved_tensor_bytes() as saved:
@@ -171,3 +171,23 @@ def test_train_loop_schedules_clips_and_counts(offline_profile, tok):
     assert log["activation_bytes"] > 0
     again = train_loop(model, opt, batches[:1], lr=0.5)
     assert again["activation_bytes"] == 0  # counted only when asked (the hook is slow)
+
+
+def test_tokens_per_second_counts_real_tokens_and_leaves_weights(offline_profile, tok):
+    """Throughput is timed over real training steps (the one loop) at learning rate 0: the weights
+    must not move, the pad share must be the hand count, and the rate times the time the real tokens."""
+    from qlora_helpers.runtime import load_model
+    from qlora_helpers.sft import tokens_per_second
+    torch.manual_seed(0)
+    model = prepare_qlora_model(load_model(offline_profile), lora_config(8, 16, 0.0), gradient_checkpointing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ds = tokenize_dataset(_date_rows(12), tok)
+    collate = padded_collator(tok, 64)
+    batches = [collate([dict(ds[i]) for i in range(j, j + 4)]) for j in (0, 4, 8)]
+    real = sum(int(b["attention_mask"].sum()) for b in batches[1:])
+    out = tokens_per_second(model, batches)
+    assert out["pad_share"] == pytest.approx(1 - real / (2 * 4 * 64))
+    assert out["tokens_per_s"] * out["seconds"] == pytest.approx(real)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        tokens_per_second(model, batches[:1])

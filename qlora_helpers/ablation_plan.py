@@ -1,0 +1,91 @@
+"""The ablation plan: the baseline every variant changes one thing of, the variants, the grids.
+
+A variant is a flat dict (what a results file stores); its LoRA and training numbers become a
+:class:`~qlora_helpers.recipe.Recipe` in :func:`variant_recipe`, which checks them. Running a
+plan is :mod:`qlora_helpers.ablations`' job; this module only says what to run.
+
+>>> v = make_variant("r64-rs", r=64, use_rslora=True)
+>>> (v["r"], v["lora_alpha"], v["use_rslora"], v["targets"])
+(64, 16, True, 'all-linear')
+>>> [v["name"] for v in rank_variants((4, 64))]
+['r4', 'r4-rs', 'r64', 'r64-rs']
+>>> make_variant("bad", targets="mlp")
+Traceback (most recent call last):
+ValueError: variant 'bad': targets='mlp' is not one of ('qv', 'attention', 'all-linear')
+"""
+from __future__ import annotations
+
+from .recipe import ABLATION_BASELINE, Recipe
+
+TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+           "all-linear": "all-linear"}
+INITS = ("default", "loftq")
+CURVES = ["r4", "r16", "r64", "r64-rs", "qv", "lorafa", "dora"]  # the full grid's loss-curve figure
+OPTIMIZERS = ("adamw", "lorafa")
+# The baseline every variant changes one thing of: the recipe ABLATION_BASELINE (r 16, alpha 16,
+# the QLoRA paper's alpha; no dropout; lr 3e-3, the kit's fast CPU rate) on all linear layers,
+# PEFT's default init and AdamW. A variant is a flat dict (what the results file stores); its
+# LoRA and training numbers become a Recipe in variant_recipe, which checks them.
+BASELINE = {"r": ABLATION_BASELINE.r, "lora_alpha": ABLATION_BASELINE.lora_alpha, "targets": "all-linear",
+            "use_rslora": ABLATION_BASELINE.use_rslora, "init": "default", "loftq_iter": 1,
+            "optimizer": "adamw", "use_dora": ABLATION_BASELINE.use_dora, "lr": ABLATION_BASELINE.lr,
+            "lora_dropout": ABLATION_BASELINE.lora_dropout}
+
+
+# ----------------------------------------------------------------------------------------------
+# Variants
+# ----------------------------------------------------------------------------------------------
+def make_variant(name: str, **changes) -> dict:
+    """The baseline with ``changes``, validated: ``make_variant("r64-rs", r=64, use_rslora=True)``.
+
+    Raises:
+        ValueError: an unknown setting or an invalid value (r <= 0, unknown targets/init/optimizer).
+    """
+    unknown = set(changes) - set(BASELINE)
+    if unknown:
+        raise ValueError(f"unknown variant setting(s) {sorted(unknown)}; known: {sorted(BASELINE)}")
+    v = {"name": name, **BASELINE, **changes}
+    for key, allowed in (("targets", tuple(TARGETS)), ("init", INITS), ("optimizer", OPTIMIZERS)):
+        if v[key] not in allowed:
+            raise ValueError(f"variant {name!r}: {key}={v[key]!r} is not one of {allowed}")
+    try:
+        variant_recipe(v)  # the recipe's own checks: r a positive int, lr and alpha > 0, ...
+    except ValueError as err:
+        raise ValueError(f"variant {name!r}: {err}") from None
+    return v
+
+
+def variant_recipe(variant: dict, steps: int | None = None) -> Recipe:
+    """The variant's LoRA and training numbers as a :class:`~qlora_helpers.recipe.Recipe`."""
+    changes = {k: variant[k] for k in ("r", "lora_alpha", "lora_dropout", "lr", "use_rslora", "use_dora")}
+    return ABLATION_BASELINE.replace(target_modules=TARGETS[variant["targets"]], **changes,
+                                     **({"steps": steps} if steps else {}))
+
+
+def rank_variants(ranks=(4, 16, 64)) -> list[dict]:
+    """Each rank with LoRA's ``alpha / r`` and rsLoRA's ``alpha / sqrt(r)`` (alpha fixed)."""
+    return [make_variant(f"r{r}{'-rs' if rs else ''}", r=r, use_rslora=rs)
+            for r in ranks for rs in (False, True)]
+
+
+def method_variants() -> list[dict]:
+    """Targets, init, optimizer and DoRA, each changed alone from the baseline (r 16, all linear)."""
+    return [make_variant("qv", targets="qv"), make_variant("attention", targets="attention"),
+            make_variant("loftq", init="loftq"), make_variant("lorafa", optimizer="lorafa"),
+            make_variant("dora", use_dora=True)]
+
+
+def lora_config_for(variant: dict):
+    """The variant's PEFT ``LoraConfig`` (targets, rank, alpha, rsLoRA, DoRA): its recipe's."""
+    return variant_recipe(variant).lora_config()
+
+
+def grid(full: bool) -> dict:
+    """The reduced CI grid (r 4/64 both scalings, r 16, 40 steps, 100 test rows, 3 seeds for the main comparison) or the full one
+    (r 4..64, 300 steps, 3 seeds for every variant). Keys: variants, steps, seeds, main, main_seeds."""
+    if full:
+        variants = rank_variants((4, 8, 16, 32, 64)) + method_variants()
+    else:  # r16 (the baseline) without its rsLoRA twin, to fit CI's few minutes
+        variants = rank_variants((4, 64)) + [make_variant("r16")] + method_variants()
+    return {"variants": variants, "steps": 300 if full else 40, "seeds": (0, 1, 2) if full else (0,),
+            "main": ["r16", "qv"], "main_seeds": (0, 1, 2), "n_test": 200 if full else 100}
