@@ -156,3 +156,16 @@ def test_package_data_ships_every_asset():
     for f in offline.ASSET_FILES + ["MANIFEST.json"]:
         path = str(rel / f)
         assert any(fnmatch.fnmatch(path, p) and path.count("/") == p.count("/") for p in patterns), path
+
+
+def test_every_subpackage_is_installed():
+    """A pip install (not editable) carries only the packages pyproject.toml finds: every folder of
+    qlora_helpers with Python files must be one of them (qlora_helpers.exercises was once left out)."""
+    import tomllib
+    from pathlib import Path
+    from setuptools import find_packages
+    root = Path(offline.__file__).resolve().parent
+    find = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(str(root.parent), include=find["include"]))
+    folders = {".".join(p.parent.relative_to(root.parent).parts) for p in root.rglob("*.py")}
+    assert folders <= found, sorted(folders - found)
