@@ -36,12 +36,10 @@ Note (GPU): the CUDA kernel uses a binary search with its own rounding; codes ca
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import nf4
 
@@ -115,12 +113,6 @@ def quantize_lut(code: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # 2. Blockwise 8-bit quantization (bitsandbytes' CPU kernel)
 # ---------------------------------------------------------------------------------------------
-def _block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
-    n_blocks = -(-x.numel() // blocksize)
-    padded = F.pad(x.abs(), (0, n_blocks * blocksize - x.numel()))     # zeros do not change a max
-    return padded.view(n_blocks, blocksize).amax(dim=1)                # (n_blocks,)
-
-
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
                             blocksize: int = DQ_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise absmax quantization, as ``bitsandbytes.functional.quantize_blockwise`` on CPU.
@@ -134,7 +126,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
     """
     code = dynamic_map() if code is None else code
     x = x.reshape(-1).float()                                          # (n,)
-    absmax = _block_absmax(x, blocksize)                               # (n_blocks,)
+    absmax = nf4.block_absmax(x, blocksize, floor_partial=False)       # (n_blocks,)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # (Note: zero block)
     per_value = torch.arange(x.numel()) // blocksize                   # (n,) block of each value
     v = (x * inv[per_value]).clamp(-1, 1)                              # (n,) multiply, not divide

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from . import double_quant, nf4
+from .recipe import check_rank
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # W (out, in) -> dequantized Q (out, in)
 
@@ -56,7 +57,7 @@ def low_rank_split(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.
     Returns:
         A (r, in) = sqrt(S_r) Vh_r, B (out, r) = U_r sqrt(S_r), and all singular values S (k,).
     """
-    _check_rank(r, residual.shape)
+    check_rank(r, residual.shape)
     U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)  # (out,k), (k,), (k,in)
     root = S[:r].sqrt()  # (r,)
     return root[:, None] * Vh[:r], U[:, :r] * root, S
@@ -86,7 +87,7 @@ def _alternate(w: torch.Tensor, r: int, num_iter: int, quantize: Quantizer):
     ``W`` for T <= 1, else ``W - B A`` of the step before the last."""
     if num_iter < 0:
         raise ValueError(f"num_iter must be >= 0 (0 = plain quantization), got {num_iter}")
-    _check_rank(r, w.shape)
+    check_rank(r, w.shape)
     w = w.float()
     source = w
     q = quantize(source)
@@ -110,11 +111,6 @@ def loftq_errors(w: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Ten
     w = w.float()
     return {"plain": (w - nf4_roundtrip(w)).norm().item(), "base": (w - q).norm().item(),
             "loftq": (w - (q + scaling * b @ a)).norm().item()}
-
-
-def _check_rank(r: int, shape) -> None:
-    if not 1 <= r <= min(shape):
-        raise ValueError(f"rank r must be in [1, {min(shape)}] for a matrix of shape {tuple(shape)}, got {r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ trainable parameters, with the same non-zero A and B copied into both.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import warnings
 from typing import Iterable, Sequence
@@ -30,6 +29,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .recipe import check_rank
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output head
 
@@ -47,7 +48,7 @@ def best_rank_r(delta: torch.Tensor, r: int) -> torch.Tensor:
     Returns:
         ``U[:, :r] @ diag(S[:r]) @ Vh[:r]``, shape (out, in).
     """
-    _check_rank(r)
+    check_rank(r)
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, k), (k,), (k, in)
     return (U[:, :r] * S[:r]) @ Vh[:r]  # (out, in)
 
@@ -74,7 +75,7 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     >>> lora_scaling(16, 8), lora_scaling(16, 64), lora_scaling(16, 64, use_rslora=True)
     (2.0, 0.25, 2.0)
     """
-    _check_rank(r)
+    check_rank(r)
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
@@ -87,7 +88,7 @@ def linear_param_counts(in_features: int, out_features: int, r: int) -> tuple[in
     Returns:
         ``(out * in, r * (in + out))``: a dense ΔW versus A (r, in) plus B (out, r).
     """
-    _check_rank(r)
+    check_rank(r)
     return out_features * in_features, r * (in_features + out_features)
 
 
@@ -126,12 +127,6 @@ def llama_lora_param_count(config, r: int, target_modules: str | Sequence[str] =
 def count_trainable(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad=True``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _check_rank(r: int) -> None:
-    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}; "
-                         f"typical values are 8, 16 or 64")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +273,7 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINE
     Returns:
         ``model``, with only the ``lora_A`` / ``lora_B`` weights trainable.
     """
-    _check_rank(r)
+    check_rank(r)
     if lora_layers(model):
         raise ValueError("model already has LoRALinear layers; inject into a fresh base model")
     names = find_targets(model, target_modules)

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .double_quant import storage_bytes
+from .recipe import check_rank
 
 __all__ = [
     "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS", "OPTIMIZERS",
@@ -149,12 +150,19 @@ def load_config(config):
 
 
 @functools.lru_cache(maxsize=32)
-def _meta_model_facts(config_json: str) -> tuple[int, tuple]:
+def _meta_model(config_json: str):
+    """The model of a config on the meta device: shapes and names, no memory, no download."""
     import torch
     from transformers import AutoModelForCausalLM
     cfg = _from_dict(json.loads(config_json))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_model_facts(config_json: str) -> tuple[int, tuple]:
+    import torch
+    model = _meta_model(config_json)
     total = sum(p.numel() for p in model.parameters())                 # tied weights appear once
     linears = tuple((name, m.in_features, m.out_features) for name, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear))
@@ -192,21 +200,20 @@ def lora_shapes(config, r: int, target_modules="all-linear") -> list[tuple[int, 
     Args:
         config: anything :func:`load_config` accepts.
         r: the LoRA rank, > 0.
-        target_modules: ``"all-linear"`` (every linear but ``lm_head``, as PEFT) or names such as
-            ``["q_proj", "v_proj"]`` matched against the last part of a module's name.
+        target_modules: as PEFT and :func:`qlora_helpers.lora.find_targets` read it (the same
+            function decides): ``"all-linear"`` (every linear but the output head), a list of
+            names such as ``["q_proj", "v_proj"]``, or a regex over the full module name.
     Returns:
         list of 2-tuples, two per targeted layer.
     """
-    _check_positive("r", r)
+    from .lora import find_targets
+    check_rank(r)
+    model = _meta_model(_key(config))
+    modules = dict(model.named_modules())
     out = []
-    for name, fan_in, fan_out in linear_shapes(config):
-        leaf = name.rsplit(".", 1)[-1]
-        hit = leaf != "lm_head" if target_modules == "all-linear" else leaf in target_modules
-        if hit:
-            out += [(r, fan_in), (fan_out, r)]
-    if not out:
-        raise ValueError(f"target_modules={target_modules!r} matches no linear layer; names here: "
-                         f"{sorted({n.rsplit('.', 1)[-1] for n, *_ in linear_shapes(config)})}")
+    for name in find_targets(model, target_modules):  # ValueError naming the target if none match
+        lin = modules[name]
+        out += [(r, lin.in_features), (lin.out_features, r)]
     return out
 
 
@@ -348,7 +355,7 @@ def estimate_memory(config, method: str = "qlora", r: int = 16, target_modules="
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_positive("r", r)
+    check_rank(r)
     n_params = count_params(config)
     comp = _weights(config, method, n_params, upcast_non_quantized)
     if method.startswith("full"):

@@ -186,19 +186,22 @@ def check_weights(w: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # 3. Blockwise absmax quantization to any table of levels
 # ---------------------------------------------------------------------------------------------
-def block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """The largest |value| of each block of ``blocksize`` consecutive values.
+def block_absmax(flat: torch.Tensor, blocksize: int, floor_partial: bool = True) -> torch.Tensor:
+    """The largest |value| of each block of ``blocksize`` consecutive values: the one blockwise
+    absmax of the kit (NF4 here, the 8-bit constants of :mod:`qlora_helpers.double_quant`).
 
     Args:
         flat: float32 (n,); the last block may be partial.
         blocksize: values per block.
+        floor_partial: floor a partial last block at 1e-38, as bitsandbytes' NF4 kernel does
+            (Note: tail); its 8-bit blockwise kernel does not (False there).
     Returns:
-        float32 (ceil(n / blocksize),); a partial last block is floored at 1e-38 (Note: tail).
+        float32 (ceil(n / blocksize),).
     """
     n_blocks = -(-flat.numel() // blocksize)
     padded = F.pad(flat.abs(), (0, n_blocks * blocksize - flat.numel()))  # zeros do not change a max
     absmax = padded.view(n_blocks, blocksize).amax(dim=1)  # (n_blocks,)
-    if flat.numel() % blocksize:
+    if floor_partial and flat.numel() % blocksize:
         absmax[-1] = absmax[-1].clamp(min=TINY)
     return absmax
 

@@ -28,7 +28,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
+
+
+def check_rank(r, shape=None) -> None:
+    """The one rule for a LoRA rank, everywhere in the kit: a positive int (not a bool, not a float),
+    and at most ``min(shape)`` when a matrix ``shape`` is given (a rank cannot exceed it).
+
+    >>> check_rank(16)
+    >>> check_rank(16.0)
+    Traceback (most recent call last):
+    ValueError: LoRA rank r must be a positive integer, got r=16.0; typical values are 8, 16 or 64
+    >>> check_rank(8, shape=(4, 32))
+    Traceback (most recent call last):
+    ValueError: LoRA rank r=8 exceeds min(shape) = 4 for a matrix of shape (4, 32)
+    """
+    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got r={r!r}; typical values are 8, 16 or 64")
+    if shape is not None and r > min(shape):
+        raise ValueError(f"LoRA rank r={r} exceeds min(shape) = {min(shape)} for a matrix of shape {tuple(shape)}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,11 @@ class Recipe:
         def bad(name, want):
             value = getattr(self, name)
             raise ValueError(f"Recipe.{name} must be {want}, got {value!r}")
-        for name in ("r", "batch_size", "steps"):
+        try:
+            check_rank(self.r)
+        except ValueError as err:
+            raise ValueError(f"Recipe.r: {err}") from None
+        for name in ("batch_size", "steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "a positive int")

@@ -136,3 +136,23 @@ def test_activation_estimate_against_a_measurement(offline_profile):
         model(input_ids=ids, labels=ids, use_cache=False).loss
     ratio = saved.total / M.activation_bytes(offline_profile.model_source, 8, 128, gradient_checkpointing=False)
     assert 1.7 < ratio < 2.4, ratio
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], r".*\.mlp\.(up|down)_proj",
+                                     ["self_attn.o_proj"]])
+def test_lora_shapes_select_what_peft_selects(targets):
+    """One target rule: the planner's LoRA shapes are PEFT's for every form PEFT accepts (a list,
+    a dotted suffix, a regex over the full name, "all-linear"); a target that matches nothing is
+    an error naming it (PEFT raises too)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    tiny = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=100)  # small for test speed
+    model = get_peft_model(AutoModelForCausalLM.from_config(M.load_config(tiny)),
+                           LoraConfig(r=4, target_modules=targets))
+    peft_shapes = sorted(tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n)
+    assert sorted(M.lora_shapes(tiny, 4, targets)) == peft_shapes
+    with pytest.raises(ValueError, match="gate"):
+        M.lora_shapes(tiny, 4, ["gate"])
+    with pytest.raises(ValueError, match="positive integer"):
+        M.lora_shapes(tiny, 4.0, targets)

@@ -8,7 +8,7 @@ from qlora_helpers import recipe as R
 
 
 @pytest.mark.parametrize("field,value,msg", [
-    ("r", 0, "Recipe.r must be a positive int, got 0"), ("r", 8.0, "Recipe.r must be a positive int"),
+    ("r", 0, "Recipe.r: LoRA rank r must be a positive integer, got r=0"), ("r", 8.0, "Recipe.r: LoRA rank r must be a positive integer"),
     ("lr", float("nan"), "Recipe.lr must be a positive finite number"), ("lora_alpha", -1, "lora_alpha"),
     ("lora_dropout", 1.0, r"lora_dropout must be in \[0, 1\)"), ("steps", 0, "Recipe.steps"),
     ("warmup_steps", -1, "warmup_steps must be an int >= 0"), ("batch_size", True, "batch_size")])
