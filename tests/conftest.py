@@ -15,10 +15,20 @@ def assets():
 
 @pytest.fixture(scope="session")
 def offline_profile(assets):
+    """The offline profile on the kit's tiny model: the unit tests are about code paths, fast."""
     from qlora_helpers.runtime import get_profile, use_threads
-    profile = get_profile("offline")
-    use_threads(profile)  # one thread, as the notebooks run
+    profile = get_profile("offline", model="tiny")
+    use_threads(profile)  # one thread, as the notebooks on the tiny model run
     return profile
+
+
+@pytest.fixture(scope="session")
+def real_profile():
+    """The offline profile on the real model (SmolLM2-135M-Instruct; fetched and converted once)."""
+    from qlora_helpers.real_model import ensure_real_model
+    from qlora_helpers.runtime import get_profile
+    ensure_real_model()
+    return get_profile("offline", model="smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qlora_helpers import runtime
+from qlora_helpers import real_model, runtime
 from qlora_helpers.runtime import (HubUnreachableError, compute_dtype_for, get_profile,
                                    optimizer_for)
 
@@ -38,12 +38,14 @@ def test_gpu_profile_with_a_t4(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
     p = get_profile()
     assert (p.name, p.gpu_name, p.compute_dtype, p.optimizer) == ("gpu", "Tesla T4", torch.float16, "paged_adamw_8bit")
-    assert p.model_source == runtime.GPU_MODEL_ID
+    assert p.model_source == str(real_model.model_dir())  # the same bytes as on a laptop
     monkeypatch.setenv(runtime.PROFILE_ENV, "offline")  # the variable overrides the GPU default
     assert get_profile().name == "offline"
 
 
 def test_bad_profile_names_and_missing_gpu(monkeypatch):
+    with pytest.raises(ValueError, match="QLORA_KIT_MODEL='gpt2' is not a model of the kit"):
+        get_profile("offline", model="gpt2")
     monkeypatch.setenv(runtime.PROFILE_ENV, "colab")
     with pytest.raises(ValueError, match="'colab' is not a profile"):
         get_profile()
@@ -75,15 +77,18 @@ def test_doctor_reports_the_decisions(offline_profile, capsys):
 
 
 def test_threads_are_an_explicit_call(monkeypatch):
-    """Reading a profile leaves torch alone; use_threads sets it ($QLORA_KIT_THREADS or 1 on the CPU)."""
+    """Reading a profile leaves torch alone; use_threads sets it ($QLORA_KIT_THREADS, else 1 for the
+    tiny model and the machine's cores for the real one)."""
     import torch
     from qlora_helpers.runtime import THREADS_ENV, get_profile, use_threads
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        profile = get_profile("offline")
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+        profile = get_profile("offline", model="tiny")
         assert torch.get_num_threads() == 2
         assert use_threads(profile) == 1 == torch.get_num_threads()
+        assert use_threads(get_profile("offline", model="smollm2")) == __import__("os").cpu_count()
         monkeypatch.setenv(THREADS_ENV, "2")
         assert use_threads(profile) == 2
         monkeypatch.setenv(THREADS_ENV, "two")
