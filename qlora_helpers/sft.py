@@ -77,14 +77,17 @@ def training_arguments(profile, output_dir: str, recipe: Recipe | None = None, *
     warm-up steps, max grad norm, weight decay, batch size, steps, seed. Besides: the profile's
     optimizer and precision, a constant learning rate after the linear warm-up
     (``constant_with_warmup``; see the recipe module's note on the paper's warm-up), gradient
-    checkpointing, loss logged every 10 steps, no checkpoints, no external reporting.
+    checkpointing, the loss logged about 15 times a run (every 10 steps at most), no checkpoints, no
+    external reporting, and NaN losses logged as NaN (transformers' ``logging_nan_inf_filter``
+    would replace them by the running mean and hide them from :class:`TrainingHealthCallback`).
     """
     from transformers import TrainingArguments
     recipe = recipe or recipe_for(profile)
     kw = dict(output_dir=output_dir, optim=profile.optimizer, learning_rate=recipe.lr,
               lr_scheduler_type="constant_with_warmup", warmup_steps=recipe.warmup_steps,
               max_grad_norm=recipe.max_grad_norm, weight_decay=recipe.weight_decay,
-              per_device_train_batch_size=recipe.batch_size, max_steps=recipe.steps, logging_steps=10,
+              per_device_train_batch_size=recipe.batch_size, max_steps=recipe.steps,
+              logging_steps=max(1, min(10, recipe.steps // 15)), logging_nan_inf_filter=False,
               gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
               save_strategy="no", report_to="none", remove_unused_columns=False, seed=recipe.seed,
               data_seed=recipe.seed, dataloader_num_workers=0, use_cpu=profile.device == "cpu",

@@ -96,11 +96,19 @@ def packed_collator():
 def pad_share(batch: dict[str, torch.Tensor], pad_token_id: int) -> float:
     """Share of the positions in ``batch`` that are padding (0.0 for a packed batch).
 
-    A padded batch says which positions are real in its ``attention_mask``; a packed batch has
-    no mask and no padding.
+    A padded batch says which positions are real in its ``attention_mask``; a packed batch
+    (``position_ids``, no mask) has no padding. Only a batch with neither is judged by its token
+    ids, and that is ambiguous when the pad token is the EOS token (SmolLM2: both ``<|im_end|>``),
+    because every row's own EOS would count as padding.
+
+    >>> import torch
+    >>> pad_share({"input_ids": torch.tensor([[5, 2, 6, 2]]), "position_ids": torch.tensor([[0, 1, 0, 1]])}, 2)
+    0.0
     """
     if "attention_mask" in batch:
         return 1.0 - batch["attention_mask"].float().mean().item()
+    if "position_ids" in batch:
+        return 0.0
     return (batch["input_ids"] == pad_token_id).float().mean().item()
 
 

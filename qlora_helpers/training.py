@@ -32,12 +32,13 @@ def check_loss(loss: float, step: int, zero_tol: float = 1e-6) -> None:
     >>> check_loss(2.3, step=5)
     >>> check_loss(float("nan"), step=5)
     Traceback (most recent call last):
-    qlora_helpers.training.TrainingAlarm: loss is nan at step 5. Likely fix: fp16 overflow -> use bf16 (compute capability >= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs.
+    qlora_helpers.training.TrainingAlarm: loss is nan at step 5. Likely fix: fp16 overflow -> use bf16 (compute capability >= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs, and that not every label is -100 (a mean over no labelled token is nan).
     """
     if not math.isfinite(loss):
         raise TrainingAlarm(
             f"loss is {loss} at step {step}. Likely fix: fp16 overflow -> use bf16 (compute capability "
-            f">= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs.")
+            f">= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs, and that "
+            f"not every label is -100 (a mean over no labelled token is nan).")
     if loss <= zero_tol:
         raise TrainingAlarm(
             f"loss is {loss} at step {step}: a language-model loss is never exactly 0. Likely fix: if "
