@@ -34,6 +34,7 @@ busy core); torch's default (the machine's cores) for the real model, 576 wide.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,20 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
     return model
 
 
+@contextmanager
+def quiet_datasets():
+    """``datasets`` without progress bars inside the block. It shows one only for work not yet in its
+    cache, so a notebook's output would otherwise depend on what ran on the machine before."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+    shown = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            enable_progress_bar()
+
+
 def load_task_dataset(profile: Profile | None = None):
     """The kit's exact-match task (date reformatting) as a ``DatasetDict`` with train/test.
 
@@ -206,7 +221,8 @@ def load_task_dataset(profile: Profile | None = None):
     """
     from datasets import load_dataset
     from .offline import ensure_offline_assets
-    return load_dataset("json", data_files=ensure_offline_assets().data_files)
+    with quiet_datasets():
+        return load_dataset("json", data_files=ensure_offline_assets().data_files)
 
 
 def load_chat_dataset(profile: Profile | None = None):

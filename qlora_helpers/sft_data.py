@@ -43,8 +43,14 @@ def tokenize_chat(example: dict, tok, max_length: int = 128) -> dict[str, list[i
 
 
 def tokenize_dataset(ds, tok, max_length: int = 128):
-    """:func:`tokenize_chat` over a ``datasets.Dataset``, keeping only ``input_ids`` and ``labels``."""
-    return ds.map(lambda ex: tokenize_chat(ex, tok, max_length), remove_columns=ds.column_names)
+    """:func:`tokenize_chat` over a ``datasets.Dataset``, keeping only ``input_ids`` and ``labels``.
+
+    Without a progress bar: ``datasets`` shows one only when the result is not in its cache yet, so
+    a notebook's output would depend on what ran on the machine before (nbval compares it).
+    """
+    from .runtime import quiet_datasets
+    with quiet_datasets():
+        return ds.map(lambda ex: tokenize_chat(ex, tok, max_length), remove_columns=ds.column_names)
 
 
 def show_labels(example: dict[str, list[int]], tok) -> str:

@@ -191,3 +191,13 @@ def test_tokens_per_second_counts_real_tokens_and_leaves_weights(offline_profile
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="at least 2 batches"):
         tokens_per_second(model, batches[:1])
+
+
+def test_tokenizing_shows_no_progress_bar(tok, capsys):
+    """A fresh map (not in datasets' cache) must not print a progress bar: nbval compares the output."""
+    from datasets.utils.logging import is_progress_bar_enabled
+    before = is_progress_bar_enabled()
+    tokenize_dataset(_date_rows(3), tok)
+    captured = capsys.readouterr()
+    assert "Map" not in captured.err + captured.out
+    assert is_progress_bar_enabled() == before      # the setting is restored
