@@ -43,6 +43,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_sha256(path: str | Path, expected: str, fix: str, recorded_by: str = MANIFEST) -> None:
+    """Raise :class:`ArtifactMismatchError` naming ``path``, both hashes, ``recorded_by`` (where the
+    expected hash is written down) and ``fix`` if the file's SHA-256 is not ``expected``."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ArtifactMismatchError(
+            f"{path} has been altered: its SHA-256 is {actual}, but {recorded_by} records {expected}. "
+            f"Results committed with the kit were made with the recorded bytes; {fix}")
+
+
 def write_manifest(folder: str | Path, files: list[str]) -> Path:
     """Record the SHA-256 of ``files`` (paths relative to ``folder``) in ``folder/MANIFEST.json``."""
     folder = Path(folder)
@@ -76,11 +86,6 @@ def verify_manifest(folder: str | Path, fix: str = "restore the file from the ki
     if key in _verified:
         return _verified[key]
     for name, expected in want.items():
-        actual = sha256_file(folder / name)
-        if actual != expected:
-            raise ArtifactMismatchError(
-                f"{folder / name} has been altered: its SHA-256 is {actual}, but {MANIFEST} "
-                f"records {expected}. Results committed with the kit were made with the recorded "
-                f"bytes; {fix}")
+        check_sha256(folder / name, expected, fix)
     _verified[key] = dict(want)
     return _verified[key]

