@@ -17,7 +17,8 @@ from . import REPO_URL
 
 # The libraries Colab lacks or has at another version; never torch.
 COLAB_PINS = ["transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2",
-              "accelerate==1.15.0", "datasets==5.2.0"]
+              "accelerate==1.15.0", "datasets==5.2.0", "gguf==0.19.0", "trl==1.16.0",
+              "mlflow-skinny==3.17.2"]
 
 
 def setup_cell_source() -> str:

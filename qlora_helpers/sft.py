@@ -70,32 +70,44 @@ def precision_flags(profile) -> dict[str, bool]:
             "fp16": profile.compute_dtype == torch.float16}
 
 
-def training_arguments(profile, output_dir: str, recipe: Recipe | None = None, **overrides):
-    """``TrainingArguments`` for QLoRA on ``profile`` from a recipe; keyword ``overrides`` win.
+def training_kwargs(profile, output_dir: str, recipe: Recipe | None = None, **overrides) -> dict:
+    """The keyword arguments of :func:`training_arguments`, as a dict: the one place a recipe
+    becomes trainer settings, shared with TRL's ``SFTConfig`` (:func:`qlora_helpers.trl_sft.sft_config`).
 
     From ``recipe`` (default :func:`qlora_helpers.recipe.recipe_for` the profile): learning rate,
     warm-up steps, max grad norm, weight decay, batch size, steps, seed. Besides: the profile's
     optimizer and precision, a constant learning rate after the linear warm-up
     (``constant_with_warmup``; see the recipe module's note on the paper's warm-up), gradient
-    checkpointing, the loss logged about 15 times a run (every 10 steps at most), no checkpoints, no
+    checkpointing as the recipe says, the loss logged about 15 times a run (every 10 steps at most), no checkpoints, no
     external reporting, and NaN losses logged as NaN (transformers' ``logging_nan_inf_filter``
     would replace them by the running mean and hide them from :class:`TrainingHealthCallback`).
+    Keyword ``overrides`` win.
+
+    Raises:
+        ValueError: a learning rate that is not a positive number.
     """
-    from transformers import TrainingArguments
     recipe = recipe or recipe_for(profile)
     kw = dict(output_dir=output_dir, optim=profile.optimizer, learning_rate=recipe.lr,
               lr_scheduler_type="constant_with_warmup", warmup_steps=recipe.warmup_steps,
               max_grad_norm=recipe.max_grad_norm, weight_decay=recipe.weight_decay,
               per_device_train_batch_size=recipe.batch_size, max_steps=recipe.steps,
               logging_steps=max(1, min(10, recipe.steps // 15)), logging_nan_inf_filter=False,
-              gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+              gradient_checkpointing=recipe.gradient_checkpointing,
+              gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
               save_strategy="no", report_to="none", remove_unused_columns=False, seed=recipe.seed,
               data_seed=recipe.seed, dataloader_num_workers=0, use_cpu=profile.device == "cpu",
               **precision_flags(profile))
     kw.update(overrides)
     if kw["learning_rate"] <= 0 or not math.isfinite(kw["learning_rate"]):
         raise ValueError(f"learning_rate must be a positive number, got {kw['learning_rate']}")
-    return TrainingArguments(**kw)
+    return kw
+
+
+def training_arguments(profile, output_dir: str, recipe: Recipe | None = None, **overrides):
+    """``TrainingArguments`` for QLoRA on ``profile`` from a recipe (:func:`training_kwargs`);
+    keyword ``overrides`` win."""
+    from transformers import TrainingArguments
+    return TrainingArguments(**training_kwargs(profile, output_dir, recipe, **overrides))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -246,3 +246,19 @@ def test_exercise_checker_for_the_merged_layer(offline_profile, capsys):
     assert "not attempted" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="wrong merged weight"):
         ex05.check_merged_layer(no_scaling, model)
+
+
+def test_chunked_logit_gap_equals_the_whole_batch_computation():
+    """The chunked gap against torch's own kl_div over all real positions at once."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(9, 7, 50, generator=g)
+    other = ref + 0.3 * torch.randn(9, 7, 50, generator=g)
+    mask = torch.rand(9, 7, generator=g) > 0.3
+    a, b = ref[mask], other[mask]
+    want_kl = F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    got = M.logit_gap(ref, other, mask, rows=2)
+    assert abs(got["kl"] - want_kl) < 1e-6 * max(1.0, want_kl)
+    assert got["max_abs_logit_diff"] == (a - b).abs().max().item()
+    with pytest.raises(ValueError, match="same texts"):
+        M.logit_gap(ref, other[:, :5], mask)
