@@ -80,8 +80,9 @@ def training_kwargs(profile, output_dir: str, recipe: Recipe | None = None, **ov
     (``constant_with_warmup``; see the recipe module's note on the paper's warm-up), gradient
     checkpointing as the recipe says, the loss logged about 15 times a run (every 10 steps at most), no checkpoints, no
     external reporting, and NaN losses logged as NaN (transformers' ``logging_nan_inf_filter``
-    would replace them by the running mean and hide them from :class:`TrainingHealthCallback`).
-    Keyword ``overrides`` win.
+    leaves NaN steps out of the logged mean: logged every step, a NaN loss shows as 0.0, otherwise
+    it vanishes in the mean of the finite steps; ``tests/test_sft.py`` injects one through
+    ``Trainer``). Keyword ``overrides`` win.
 
     Raises:
         ValueError: a learning rate that is not a positive number.

@@ -201,3 +201,44 @@ def test_tokenizing_shows_no_progress_bar(tok, capsys):
     captured = capsys.readouterr()
     assert "Map" not in captured.err + captured.out
     assert is_progress_bar_enabled() == before      # the setting is restored
+
+
+class _PoisonAfterFirstStep:
+    """A TrainerCallback that writes NaN into one LoRA weight after step 1: every later loss is NaN."""
+
+    def __init__(self, model):
+        self.weight = next(p for n, p in model.named_parameters() if "lora_B" in n)
+
+    def __getattr__(self, name):          # every other TrainerCallback event: do nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            with torch.no_grad():
+                self.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("nan_filter", [False, True])
+def test_a_nan_loss_reaches_the_alarm_through_trainer(offline_profile, tok, tmp_path, nan_filter):
+    """A real NaN loss inside Trainer: the kit's arguments (logging_nan_inf_filter=False) let it reach
+    TrainingHealthCallback, which stops the run at step 2 naming the NaN. With transformers' default
+    filter the NaN step is left out of the logged mean: logged every step, it shows as a loss of 0.0
+    (the zero alarm fires, blaming the wrong cause); logged less often, the NaN would vanish in the
+    mean of the finite steps."""
+    from datasets import Dataset
+    from transformers import Trainer
+    from qlora_helpers.runtime import load_model
+    torch.manual_seed(0)
+    model = prepare_qlora_model(load_model(offline_profile), lora_config(), gradient_checkpointing=False)
+    train = tokenize_dataset(Dataset.from_list([ROW] * 16), tok)
+    health = TrainingHealthCallback(model)
+    args = training_arguments(offline_profile, str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                              logging_steps=1, disable_tqdm=True, logging_nan_inf_filter=nan_filter)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=packed_collator(),
+                      callbacks=[_PoisonAfterFirstStep(model), health])
+    with pytest.raises(TrainingAlarm, match="loss is 0.0" if nan_filter else "loss is nan"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    assert any(torch.isnan(p).any() for p in lora_parameters(model).values())   # the weights really are NaN
