@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .adapters import (  # noqa: F401  (re-exported: notebook 05 loads and checks adapters with them)
     ADAPTER_NAME, NB04_ADAPTER, AdapterMismatchError, adapter_dir, base_info, check_adapter_matches,

@@ -48,15 +48,27 @@ def lora_config(r: int = KIT_SFT.r, lora_alpha: float = KIT_SFT.lora_alpha,
     return KIT_SFT.replace(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout).lora_config()
 
 
-def prepare_qlora_model(model, config, gradient_checkpointing: bool = True):
+def prepare_qlora_model(model, config, gradient_checkpointing: bool | None = None):
     """``prepare_model_for_kbit_training`` then ``get_peft_model``: the trainable QLoRA model.
 
     ``prepare_model_for_kbit_training`` freezes the base, casts the small non-quantized weights
     (norms, embeddings) to fp32 for stability, and makes the input embeddings require grad so that
     gradient checkpointing has something to back-propagate through (the base has no trainable
     weights). ``use_reentrant=False`` is the checkpointing variant PyTorch recommends.
+
+    Args:
+        config: a :class:`qlora_helpers.recipe.Recipe` (its ``lora_config()`` and its
+            ``gradient_checkpointing``, the same setting :func:`training_arguments` reads, so the
+            model and the trainer agree), or a ``peft.LoraConfig``.
+        gradient_checkpointing: overrides the recipe's setting; ``True`` for a bare ``LoraConfig``.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
+    if isinstance(config, Recipe):
+        if gradient_checkpointing is None:
+            gradient_checkpointing = config.gradient_checkpointing
+        config = config.lora_config()
+    elif gradient_checkpointing is None:
+        gradient_checkpointing = True
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from qlora_helpers.sft import (TrainingAlarm, TrainingHealthCallback, check_loss, lora_config,
                                lora_parameters, precision_flags, prepare_qlora_model,
@@ -203,16 +204,11 @@ def test_tokenizing_shows_no_progress_bar(tok, capsys):
     assert is_progress_bar_enabled() == before      # the setting is restored
 
 
-class _PoisonAfterFirstStep:
-    """A TrainerCallback that writes NaN into one LoRA weight after step 1: every later loss is NaN."""
+class _PoisonAfterFirstStep(TrainerCallback):
+    """Writes NaN into one LoRA weight after step 1: every later loss is NaN."""
 
     def __init__(self, model):
         self.weight = next(p for n, p in model.named_parameters() if "lora_B" in n)
-
-    def __getattr__(self, name):          # every other TrainerCallback event: do nothing
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
@@ -242,3 +238,17 @@ def test_a_nan_loss_reaches_the_alarm_through_trainer(offline_profile, tok, tmp_
         trainer.train()
     assert trainer.state.global_step == 2
     assert any(torch.isnan(p).any() for p in lora_parameters(model).values())   # the weights really are NaN
+
+
+def test_a_recipe_prepares_the_model_as_its_trainer_arguments_say(offline_profile, tmp_path):
+    """prepare_qlora_model(model, recipe) takes the recipe's LoRA and its checkpointing setting,
+    the one training_arguments reads, so model and trainer cannot disagree."""
+    from qlora_helpers.recipe import KIT_SFT
+    from qlora_helpers.runtime import load_model
+    for recipe in (KIT_SFT, KIT_SFT.replace(gradient_checkpointing=True, r=8)):
+        model = prepare_qlora_model(load_model(offline_profile), recipe)
+        assert model.peft_config["default"].r == recipe.r
+        assert model.base_model.model.is_gradient_checkpointing == recipe.gradient_checkpointing
+        assert training_arguments(offline_profile, str(tmp_path), recipe).gradient_checkpointing == recipe.gradient_checkpointing
+    model = prepare_qlora_model(load_model(offline_profile), KIT_SFT, gradient_checkpointing=True)
+    assert model.base_model.model.is_gradient_checkpointing

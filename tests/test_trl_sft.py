@@ -61,9 +61,8 @@ def test_trl_packed_dataset_holds_the_kit_rows(offline_profile, tok, tmp_path, a
     """TRL's own preparation (tokenize, build labels, best-fit packing) gives back every kit row with the
     kit's labels; without assistant_only_loss TRL trains on the prompt too and no row matches."""
     from trl import SFTTrainer
-    from qlora_helpers.runtime import load_model, load_task_dataset, quiet_datasets
+    from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer, quiet_datasets
     from qlora_helpers.sft import lora_config, prepare_qlora_model
-    from qlora_helpers.runtime import load_tokenizer
     rows = load_task_dataset(offline_profile)["train"].select(range(64))
     trl_tok = load_tokenizer(offline_profile)
     trl_tok.chat_template = training_chat_template(trl_tok)

@@ -43,8 +43,7 @@ def all_masked_alarm(profile, train_ds, collator, output_dir) -> str:
     from transformers import Trainer
     rows = [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX] * len(r["labels"])} for r in train_ds.select(range(2))]
     torch.manual_seed(0)
-    recipe = recipe_for(profile)
-    model = prepare_qlora_model(load_model(profile), recipe.lora_config(), recipe.gradient_checkpointing)
+    model = prepare_qlora_model(load_model(profile), recipe_for(profile))
     args = training_arguments(profile, str(output_dir), max_steps=2, logging_steps=1, disable_tqdm=True)
     try:
         Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator,
