@@ -36,9 +36,10 @@ test: assets
 	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(PY) -m pytest tests qlora_helpers notebooks \
 		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q
 
-## JupyterLab on the notebooks (ipywidgets render there).
+## JupyterLab on the notebooks (ipywidgets render there). As root (containers, some cloud machines)
+## JupyterLab refuses to start without --allow-root; it is passed only when the user is root.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ## Re-execute notebooks and write their outputs in place (for committing).
 notebooks: assets

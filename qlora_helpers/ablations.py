@@ -55,7 +55,7 @@ import torch
 
 from . import sft, sft_data
 from .evaluation import exact_match
-from .training import train_loop
+from .training import model_loss, on_model_device, train_loop
 # Statistics over seeds and the grid's figures live in modules of their own; re-exported here,
 # where notebook 06 reads them as ab.summarize, ab.verdict, ab.plot_spread, ...
 from .ablation_plots import plot_curves, plot_rank, plot_spread, smooth  # noqa: F401
@@ -136,7 +136,7 @@ def state_bytes(model, optimizer) -> int:
 def heldout_loss(model, batches: list[dict]) -> float:
     """Mean response-token loss over held-out batches (teacher forcing)."""
     model.eval()
-    total = sum(model(**b, use_cache=False).loss.item() for b in batches) / len(batches)
+    total = sum(model_loss(model, b).item() for b in batches) / len(batches)
     model.train()
     return total
 
@@ -145,11 +145,11 @@ def heldout_loss(model, batches: list[dict]) -> float:
 def logit_error(model, reference, batch: dict) -> float:
     """Mean |logits - reference logits| over a batch's real tokens: how far a model starts from W."""
     model.eval()
-    mask = batch["attention_mask"].bool()
-    a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    b = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    x = on_model_device({k: batch[k] for k in ("input_ids", "attention_mask")}, model)
+    a = model(**x, use_cache=False).logits.float()
+    b = reference(**on_model_device(x, reference), use_cache=False).logits.float().to(a.device)
     model.train()
-    return (a - b).abs()[mask].mean().item()
+    return (a - b).abs()[x["attention_mask"].bool()].mean().item()
 
 
 # ----------------------------------------------------------------------------------------------

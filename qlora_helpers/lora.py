@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .recipe import check_rank
+from .training import on_model_device
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output head
 
@@ -174,7 +175,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"cannot add ΔW to a {self.base_layer.weight.dtype} (quantized) "
                              f"weight; merge into a full-precision copy of the base instead "
                              f"(merging into 4-bit re-quantizes W + ΔW and loses precision)")
-        self.base_layer.weight.data += self.get_delta_weight()  # (out, in)
+        w = self.base_layer.weight
+        w.data += self.get_delta_weight().to(w.dtype)  # (out, in); fp32 ΔW rounded once into an fp16 W
         self.merged = True
 
     def unmerge(self) -> None:
@@ -182,14 +184,17 @@ class LoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        self.base_layer.weight.data -= self.get_delta_weight()  # (out, in)
+        w = self.base_layer.weight
+        w.data -= self.get_delta_weight().to(w.dtype)  # (out, in)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result  # ΔW already inside W
-        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., out)
+        a = self.lora_A.weight  # fp32 whatever the base's dtype (inject_lora says why), as PEFT does
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling  # (..., out)
+        return result + update.to(result.dtype)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
@@ -282,9 +287,13 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINE
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        w = base.weight
-        dtype = w.dtype if w.is_floating_point() else None  # a 4-bit base: A and B stay fp32
-        setattr(parent, child, LoRALinear(base, r, alpha, dropout, use_rslora).to(w.device, dtype))
+        # A and B in fp32 on the base's device, whatever the base's dtype (fp16 on a T4, 4-bit): AdamW on
+        # fp16 parameters overflows its second moment (eps=1e-8 is 0 in fp16) and turns them NaN after
+        # one step (tests/test_lora.py), and fp32 adapters are what PEFT keeps too.
+        layer = LoRALinear(base, r, alpha, dropout, use_rslora)       # A and B are created in fp32
+        for m in (layer.lora_A, layer.lora_B):
+            m.to(base.weight.device)                                 # only A and B move: W keeps its dtype
+        setattr(parent, child, layer)
     return model
 
 
@@ -361,10 +370,13 @@ def chat_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the non-padding positions."""
+    """Mean next-token cross-entropy over the non-padding positions, in fp32 (an fp16 model's logits
+    are upcast: the log-softmax over 49,152 classes is where fp16 loses digits). The batch follows the
+    model to its device (a GPU in the gpu profile)."""
+    batch = on_model_device(batch, model)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits  # (batch, seq, vocab)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                            ignore_index=-100)
 
 

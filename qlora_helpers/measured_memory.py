@@ -42,3 +42,50 @@ def optimizer_bytes(optimizer) -> int:
     maps counted once; Python ints such as bitsandbytes' step counter are not tensors: 0 bytes)."""
     return _tensor_bytes(v for state in optimizer.state.values() for v in state.values()
                          if isinstance(v, torch.Tensor))
+
+
+def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 512, batch_size: int = 1,
+                      steps: int = 3, optimizer: str = "paged_adamw_8bit") -> int:
+    """Peak bytes torch allocated on the GPU over ``steps`` QLoRA training steps of ``model``.
+
+    ``model`` is a loaded 4-bit base (``runtime.load_model`` of a gpu profile). It gets the recipe's
+    LoRA on every linear layer after ``prepare_model_for_kbit_training`` (fp32 norms and
+    embeddings, gradient checkpointing as the recipe says), then forward, backward and an
+    optimizer step on random tokens of ``batch_size`` x ``seq_len``, under autocast to
+    ``compute_dtype`` (the profile's: fp16 on a T4, bf16 on Ampere and newer).
+    ``torch.cuda.max_memory_allocated`` sees every tensor but neither the CUDA context nor the
+    allocator's reserved-but-free blocks: compare it with ``memory.estimate_memory(...,
+    cuda_context_gib=0, fragmentation=0)``.
+
+    Raises:
+        RuntimeError: the model is not on a CUDA GPU (on the CPU, notebook 03 measures the same
+            components one by one instead: :func:`loaded_model_bytes`, :func:`optimizer_bytes`).
+        ValueError: an optimizer other than ``"adamw"``, ``"adamw_8bit"``, ``"paged_adamw_8bit"``.
+    """
+    import bitsandbytes as bnb
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    device = next(model.parameters()).device
+    if compute_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"compute_dtype={compute_dtype}: a GPU run computes in torch.float16 (T4) or "
+                         f"torch.bfloat16 (Ampere and newer); pass profile.compute_dtype")
+    if device.type != "cuda":
+        raise RuntimeError(f"gpu_training_peak measures CUDA memory, but the model is on {device}. Load it "
+                           f"in the gpu profile (QLORA_KIT_PROFILE=gpu on a CUDA GPU, e.g. Colab's T4).")
+    makers = {"adamw": torch.optim.AdamW, "adamw_8bit": bnb.optim.AdamW8bit,
+              "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    if optimizer not in makers:
+        raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(makers)}")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, recipe.lora_config())
+    opt = makers[optimizer]([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=compute_dtype):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()

@@ -66,6 +66,8 @@ GiB = 1024 ** 3
 GB = 1000 ** 3
 
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+_QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,
+          "rope_theta": 1000000.0}   # Qwen2: q/k/v projections carry a bias (transformers' Qwen2Attention)
 KNOWN_CONFIGS: dict[str, dict] = {   # the published config.json values that decide the size
     "llama-2-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
@@ -85,10 +87,28 @@ KNOWN_CONFIGS: dict[str, dict] = {   # the published config.json values that dec
     "llama-3-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                    "max_position_embeddings": 8192, "rope_theta": 500000.0},
+    # The course's model and the opt-in GPU models (qlora_helpers.runtime.HUB_MODELS, same names).
+    "smollm2-135m": {**_LLAMA, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "smollm2-1.7b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                     "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "qwen2.5-1.5b": {**_QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+    "qwen2.5-7b": {**_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "tie_word_embeddings": False},
 }
-PUBLISHED_PARAMS = {   # from the models' safetensors index / model cards
+KNOWN_CONFIGS["smollm2-hub"] = KNOWN_CONFIGS["smollm2-135m"]   # the same model, the hub's bf16 weights
+PUBLISHED_PARAMS = {   # the Hub's own count: safetensors metadata (bf16 bytes / 2), or the model card
     "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-33b": 32_528_943_616,
     "llama-65b": 65_285_660_672, "llama-2-70b": 68_976_648_192, "llama-3-8b": 8_030_261_248,
+    "smollm2-135m": 134_515_008, "smollm2-hub": 134_515_008,
+    "smollm2-1.7b": 1_711_376_384,   # model.safetensors: 3,422,777,952 bytes = 2 x this + a 25,184-byte header
+    "qwen2.5-1.5b": 1_543_714_304,   # safetensors total (model card: "1.54B, 1.31B non-embedding")
+    "qwen2.5-7b": 7_615_616_512,     # model.safetensors.index.json: "total_size": 15231233024 (bf16)
 }
 GPUS = {   # memory.total as nvidia-smi reports it on each card (MiB); the CUDA context comes out of it (A5)
     "t4": 15360 * 2 ** 20,          # Colab's free GPU
@@ -127,7 +147,9 @@ def _from_dict(d: dict):
 
 def load_config(config):
     """A ``PretrainedConfig`` from a dict (with ``model_type``), a config object, a known name
-    (``"llama-2-7b"``, see :data:`KNOWN_CONFIGS`), or a path to ``config.json`` or its folder.
+    (``"llama-2-7b"``, see :data:`KNOWN_CONFIGS`), a hub id (those of
+    :data:`qlora_helpers.runtime.HUB_MODELS` offline; any other through ``AutoConfig``, which needs
+    the Hub), or a path to ``config.json`` or its folder.
 
     Raises:
         FileNotFoundError: a path that does not exist. ValueError: an unknown architecture.
@@ -139,8 +161,19 @@ def load_config(config):
         return _from_dict(config)
     if isinstance(config, str) and config.lower() in KNOWN_CONFIGS:
         return _from_dict(KNOWN_CONFIGS[config.lower()])
+    from .runtime import HUB_MODELS
+    if config in HUB_MODELS.values():                       # a hub id the kit knows: no download
+        return _from_dict(KNOWN_CONFIGS[next(k for k, v in HUB_MODELS.items() if v == config)])
     path = Path(config)
     if not path.exists():
+        if isinstance(config, str) and config.count("/") == 1 and not config.startswith((".", "/")):
+            try:                                            # a hub id: only its config.json is fetched
+                return AutoConfig.from_pretrained(config)
+            except OSError as err:
+                raise FileNotFoundError(
+                    f"could not read the config of hub model {config!r} ({type(err).__name__}: the Hub is "
+                    f"unreachable, or HF_HUB_OFFLINE=1 is set, as in the offline profile). Download its config.json elsewhere and pass its "
+                    f"path, or use a known name: {', '.join(KNOWN_CONFIGS)}") from None
         raise FileNotFoundError(f"config {str(config)!r} is neither a file/folder that exists nor a known "
                                 f"name; pass a path to a config.json (or its folder) or one of "
                                 f"{', '.join(KNOWN_CONFIGS)}")

@@ -233,7 +233,7 @@ def nearest_codes(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     Returns:
         int64 (n,) codes in [0, k): ``code = #(midpoints < x)``, a binary search, as bitsandbytes.
     """
-    return torch.bucketize(scaled, midpoints(levels))  # (n,)
+    return torch.bucketize(scaled, midpoints(levels).to(scaled.device))  # (n,) the table follows the data (GPU)
 
 
 def quantize_codes(w: torch.Tensor, levels: torch.Tensor,
@@ -268,8 +268,8 @@ def dequantize_codes(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Te
     """
     n = codes.numel()
     n_blocks = -(-n // blocksize)
-    values = F.pad(levels.float()[codes.long()], (0, n_blocks * blocksize - n))  # (n_blocks * bs,)
-    return (values.view(n_blocks, blocksize) * absmax.float()[:, None]).reshape(-1)[:n]  # (n,)
+    values = F.pad(levels.float().to(codes.device)[codes.long()], (0, n_blocks * blocksize - n))  # (n_blocks * bs,)
+    return (values.view(n_blocks, blocksize) * absmax.float().to(codes.device)[:, None]).reshape(-1)[:n]  # (n,)
 
 
 def roundtrip(w: torch.Tensor, levels: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> torch.Tensor:

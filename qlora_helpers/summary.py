@@ -2,8 +2,9 @@
 
 A notebook calls ``record("02", "NF4 levels == bitsandbytes table", True)`` right after the
 assert that proved it. When ``$QLORA_KIT_SUMMARY`` names a file (the course runner sets it),
-the claim is appended there as one JSON line; otherwise nothing is written. The value is
-returned, so the call can sit at the end of a cell.
+the claim is appended there as one JSON line; otherwise nothing is written. It returns None, so
+that a call at the end of a cell leaves no bare value under it (the cell above it shows the number
+with its words).
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ def record(notebook: str, claim: str, value):
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"notebook": notebook, "claim": claim, "value": value}) + "\n")
-    return value
 
 
 def read(path: str) -> list[dict]:

@@ -92,9 +92,22 @@ class saved_tensor_bytes:
         return False
 
 
+def on_model_device(batch: dict, model) -> dict:
+    """``batch``'s tensors moved to the device of ``model``'s parameters (a GPU in the gpu profile;
+    batches are built on the CPU). Every function that runs a model on a batch calls it.
+
+    >>> import torch
+    >>> on_model_device({"input_ids": torch.ones(1, 2)}, torch.nn.Linear(2, 2))["input_ids"].device.type
+    'cpu'
+    """
+    import torch
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def model_loss(model, batch: dict):
     """The model's own loss on a batch (transformers shifts the labels and ignores -100)."""
-    return model(**batch, use_cache=False).loss
+    return model(**on_model_device(batch, model), use_cache=False).loss
 
 
 def train_loop(model, optimizer, batches: Iterable[dict], lr: float, warmup: int = 10,

@@ -41,3 +41,18 @@ def test_colab_pins_agree_with_pyproject():
         name, ver = pin.split("==")
         assert pins[name] == ver, pin
     assert not any(p.startswith("torch==") for p in COLAB_PINS)   # Colab keeps its CUDA torch
+
+
+def test_the_one_harmless_bitsandbytes_message_is_quiet_and_others_are_not(caplog):
+    import logging
+    import subprocess
+    import sys
+    import qlora_helpers  # noqa: F401  (installs the filter)
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
+        log.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+    # a fresh interpreter, as a notebook's first cell: nothing on stderr from importing bitsandbytes
+    out = subprocess.run([sys.executable, "-c", "import qlora_helpers, bitsandbytes"], capture_output=True, text=True)
+    assert "gemm_4bit_forward" not in out.stderr, out.stderr

@@ -156,3 +156,28 @@ def test_lora_shapes_select_what_peft_selects(targets):
         M.lora_shapes(tiny, 4, ["gate"])
     with pytest.raises(ValueError, match="positive integer"):
         M.lora_shapes(tiny, 4.0, targets)
+
+
+def test_the_course_models_config_matches_the_real_model(real_profile):
+    """The planner's SmolLM2-135M (typed from the published config) against the converted model's own
+    config.json: same parameter count and the same linear layers."""
+    assert M.count_params(real_profile.model_source) == M.count_params("smollm2-135m")
+    assert M.linear_shapes(real_profile.model_source) == M.linear_shapes("smollm2-135m")
+
+
+def test_hub_ids_plan_offline_or_say_how(tmp_path):
+    from qlora_helpers.runtime import HUB_MODELS
+    for name, hub_id in HUB_MODELS.items():
+        assert M.count_params(hub_id) == M.PUBLISHED_PARAMS[name]          # no download needed
+    with pytest.raises(FileNotFoundError, match="hub model 'someone/unknown-7b'.*config.json"):
+        M.load_config("someone/unknown-7b")                                  # HF_HUB_OFFLINE=1 (conftest)
+
+
+def test_gpu_training_peak_refuses_a_cpu_model(real_profile):
+    from qlora_helpers.recipe import KIT_SFT
+    from qlora_helpers.runtime import load_model
+    model = load_model(real_profile)
+    with pytest.raises(RuntimeError, match="model is on cpu.*QLORA_KIT_PROFILE=gpu"):
+        measured_memory.gpu_training_peak(model, KIT_SFT, torch.float16)
+    with pytest.raises(ValueError, match="compute_dtype=torch.float32"):
+        measured_memory.gpu_training_peak(model, KIT_SFT, torch.float32)

@@ -26,3 +26,47 @@ def test_notebook_shape(path):
     assert all(c.get("execution_count") for c in code), "commit the notebook executed (make notebook NB=...)"
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, "committed outputs contain an error"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_what_a_learner_sees_first_is_clean(path):
+    """No stray reprs under a cell (a bare ``True``/``False``/``None`` from a helper, a ``PosixPath``) and not
+    the harmless bitsandbytes message that ``qlora_helpers`` filters, in the committed outputs."""
+    nb = nbformat.read(path, as_version=4)
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        for out in cell.get("outputs", []):
+            text = out.get("text", "") + out.get("data", {}).get("text/plain", "")
+            assert "gemm_4bit_forward" not in text, f"code cell {i}: the filtered bitsandbytes message"
+            if out.get("output_type") == "execute_result":
+                assert text not in ("True", "False", "None") and "PosixPath(" not in text, \
+                    f"code cell {i} ends in a bare value {text!r}: end it with a statement or print()"
+
+
+def _run_setup_cell(monkeypatch, hide_kit=False):
+    """The setup cell as Colab runs it: google.colab imported, %pip recorded instead of run."""
+    import sys
+    import types
+    calls = []
+    shell = types.SimpleNamespace(run_line_magic=lambda magic, line: calls.append((magic, line)))
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    if hide_kit:
+        monkeypatch.setitem(sys.modules, "qlora_helpers.notebook_setup", None)   # import fails, as uninstalled
+    exec(compile(setup_cell_source(), "setup-cell", "exec"), {"get_ipython": lambda: shell})
+    return calls
+
+
+def test_the_setup_cell_installs_and_checks_in_colab(monkeypatch, capsys):
+    calls = _run_setup_cell(monkeypatch)
+    assert [c[0] for c in calls] == ["pip", "pip"] and REPO_URL in calls[1][1]
+    assert "the kit and its pinned libraries are installed" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match=f"did not install from {REPO_URL}.*pip install -q --no-deps -e"):
+        _run_setup_cell(monkeypatch, hide_kit=True)
+
+
+def test_the_install_check_names_the_library_and_the_fix(capsys):
+    from qlora_helpers.notebook_setup import check_colab_install
+    problems = check_colab_install(["transformers==0.0.1", "no-such-library-xyz==1.0"])
+    assert len(problems) == 2
+    assert "transformers 5.23.0 is installed, the kit is tested with 0.0.1" in problems[0] and "Restart" in problems[0]
+    assert "no-such-library-xyz is not installed" in problems[1]
+    assert "setup: transformers" in capsys.readouterr().out

@@ -63,9 +63,7 @@ def test_unreachable_hub_says_how_to_go_offline(monkeypatch):
     p = type(p)(**{**p.__dict__, "model_source": "qlora-kit-tests/no-such-model"})
     with pytest.raises(HubUnreachableError, match="no-such-model.*QLORA_KIT_PROFILE=offline"):
         runtime.load_tokenizer(p)
-    p = type(p)(**{**p.__dict__, "dataset_source": "qlora-kit-tests/no-such-dataset"})
-    with pytest.raises(HubUnreachableError, match="no-such-dataset.*QLORA_KIT_PROFILE=offline"):
-        runtime.load_chat_dataset(p)
+    assert runtime.get_profile("gpu").dataset_source == runtime.get_profile("offline").dataset_source  # the date task
 
 
 def test_doctor_reports_the_decisions(offline_profile, capsys):
@@ -96,3 +94,23 @@ def test_threads_are_an_explicit_call(monkeypatch):
             use_threads(profile)
     finally:
         torch.set_num_threads(before)
+
+
+def test_hub_models_need_the_gpu_profile(monkeypatch):
+    with pytest.raises(ValueError, match="qwen2.5-7b.*Qwen/Qwen2.5-7B-Instruct.*QLORA_KIT_PROFILE=gpu"):
+        get_profile("offline", model="qwen2.5-7b")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
+    p = get_profile("gpu", model="smollm2-1.7b")
+    assert (p.model, p.model_source) == ("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B-Instruct")
+    with pytest.raises(HubUnreachableError, match="SmolLM2-1.7B-Instruct"):   # HF_HUB_OFFLINE=1 (conftest)
+        runtime.load_tokenizer(p)
+
+
+def test_opt_in_models_names_the_bad_one(monkeypatch):
+    monkeypatch.setenv(runtime.BIG_MODELS_ENV, "qwen2.5-7b,llama-9000")
+    with pytest.raises(ValueError, match="'llama-9000' not known.*qwen2.5-1.5b"):
+        runtime.opt_in_models()
+    monkeypatch.setenv(runtime.CAPSTONE_ENV, " qwen2.5-7b ")
+    assert runtime.opt_in_models(runtime.CAPSTONE_ENV) == ["qwen2.5-7b"]

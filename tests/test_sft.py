@@ -252,3 +252,15 @@ def test_a_recipe_prepares_the_model_as_its_trainer_arguments_say(offline_profil
         assert training_arguments(offline_profile, str(tmp_path), recipe).gradient_checkpointing == recipe.gradient_checkpointing
     model = prepare_qlora_model(load_model(offline_profile), KIT_SFT, gradient_checkpointing=True)
     assert model.base_model.model.is_gradient_checkpointing
+
+
+def test_run_sft_is_the_lesson_in_one_call(offline_profile, tmp_path):
+    """The capstone's code path (notebook 04 §11 runs it on a 7B model on a GPU), on the tiny model."""
+    from qlora_helpers.recipe import recipe_for
+    from qlora_helpers.sft import run_sft
+    recipe = recipe_for(offline_profile).replace(steps=60)
+    got = run_sft(offline_profile, str(tmp_path), recipe, n_test=10, log=lambda *a: None)
+    assert got["steps"] == 60 and got["peak_bytes"] is None                 # no GPU, no GPU peak
+    assert got["losses"][-1] < 0.5 * got["losses"][0], got["losses"]        # it trained
+    assert 0.0 <= got["em_before"] <= 1.0 and 0.0 <= got["em_after"] <= 1.0
+    assert 0 < got["seq_len"] <= 128 and got["planned_bytes"] > 0

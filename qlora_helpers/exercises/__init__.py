@@ -1,8 +1,9 @@
 """What every exercise checker in the kit shares: one protocol.
 
-A checker returns True when the answer is right, prints a hint and returns False while the answer
-is still a placeholder (None or ``...``, :func:`attempted`), and raises AssertionError, saying
-what is off, when the answer is wrong (:func:`expect`).
+A checker returns True when the answer is right, prints a hint and returns None while the answer
+is still a placeholder (None or ``...``, :func:`attempted`; None, so that the notebook shows the hint
+and no stray ``False`` under it), and raises AssertionError, saying what is off, when the answer is
+wrong (:func:`expect`).
 """
 from __future__ import annotations
 

@@ -21,10 +21,10 @@ def linear4bit_bytes(model) -> int:
     return total
 
 
-def check_no_dq_bytes(answer, profile) -> bool:
+def check_no_dq_bytes(answer, profile) -> bool | None:
     """The 4-bit linear layers' bytes without double quantization (one fp32 scale per 64 weights)."""
     if not attempted(answer, "Exercise"):
-        return False
+        return None   # waiting: nothing to display below the hint
     want = linear4bit_bytes(load_model(profile, double_quant=False))
     expect(int(answer) == want, f"got {int(answer):,} bytes, bitsandbytes stores {want:,}: packed codes (half a byte "
                                 f"per weight) plus one fp32 absmax per 64 weights plus the 16-entry NF4 table per layer")

@@ -12,11 +12,11 @@ from ..nf4 import (NF4_OFFSET, bits_per_param, fp4_levels, int4_levels, nf4_leve
 from . import attempted, expect
 
 
-def check_nf4_level_count(levels) -> bool:
+def check_nf4_level_count(levels) -> bool | None:
     """Exercise 1: build the 16 NF4 levels yourself (any float32 tensor (16,)); they must be
     bitsandbytes' table exactly."""
     if not attempted(levels, "Exercise 1"):
-        return False
+        return None   # waiting: nothing to display below the hint
     from bitsandbytes.functional import get_4bit_type
     levels = torch.as_tensor(levels)
     expect(levels.numel() == 16, f"NF4 has 16 levels (4 bits), got {levels.numel()}")
@@ -31,21 +31,21 @@ def check_nf4_level_count(levels) -> bool:
     return True
 
 
-def check_offset(offset) -> bool:
+def check_offset(offset) -> bool | None:
     """Exercise 2: the offset from the paper's reasoning (15 and 16 equal-probability bins)."""
     if not attempted(offset, "Exercise 2"):
-        return False
+        return None   # waiting: nothing to display below the hint
     expect(abs(float(offset) - paper_offset()) < 1e-12, f"got {offset}; the last of k equal-probability bins is centred at 1 - 1/(2k): average "
         f"k = 15 and k = 16")
     print(f"Exercise 2: correct, {float(offset):.10f}; bitsandbytes writes it as {NF4_OFFSET}.")
     return True
 
 
-def check_pack(pack_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+def check_pack(pack_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool | None:
     """Exercise 3: ``pack_fn(codes int64 (n,)) -> uint8 (ceil(n/2),)`` in bitsandbytes' order,
     checked against ``quantize_4bit`` on values that sit exactly on NF4 levels."""
     if not attempted(pack_fn, "Exercise 3"):
-        return False
+        return None   # waiting: nothing to display below the hint
     from bitsandbytes.functional import quantize_4bit
     g = torch.Generator().manual_seed(3)
     for n in (64, 63):  # even and odd counts
@@ -60,21 +60,21 @@ def check_pack(pack_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     return True
 
 
-def check_bits_per_param(blocksize: int, answer) -> bool:
+def check_bits_per_param(blocksize: int, answer) -> bool | None:
     """Exercise 4: bits per parameter for NF4 with one fp32 absmax per ``blocksize`` values."""
     if not attempted(answer, "Exercise 4"):
-        return False
+        return None   # waiting: nothing to display below the hint
     want = bits_per_param(blocksize)
     expect(math.isclose(float(answer), want), f"got {answer}, want 4 bits per code plus 32 bits shared by {blocksize} values")
     print(f"Exercise 4: correct, {want} bits per parameter at blocksize {blocksize}.")
     return True
 
 
-def check_uniform_winner(answer) -> bool:
+def check_uniform_winner(answer) -> bool | None:
     """Exercise 5: which table ("nf4", "fp4" or "int4") has the lowest error on uniform weights
     (blocksize 64)? NF4 is built for normal data; the answer says what it gives up."""
     if not attempted(answer, "Exercise 5"):
-        return False
+        return None   # waiting: nothing to display below the hint
     g = torch.Generator().manual_seed(5)
     w = torch.rand(1 << 16, generator=g) * 2 - 1  # (65536,) uniform on [-1, 1]
     tables = {"nf4": nf4_levels(), "fp4": fp4_levels(), "int4": int4_levels()}

@@ -10,10 +10,10 @@ from ..double_quant import bits_per_param, measured_bytes
 from . import attempted, expect
 
 
-def check_bits_per_param_dq(blocksize: int, answer) -> bool:
+def check_bits_per_param_dq(blocksize: int, answer) -> bool | None:
     """Exercise 1: bits per parameter with double quantization at NF4 block ``blocksize`` (DQ 256)."""
     if not attempted(answer, "Exercise 1"):
-        return False
+        return None   # waiting: nothing to display below the hint
     want = bits_per_param(blocksize, True)
     expect(math.isclose(float(answer), want, rel_tol=1e-9), f"got {answer}, want 4 + 8/{blocksize} + 32/({blocksize}*256): a 4-bit code, an 8-bit constant "
         f"shared by {blocksize} weights, an fp32 scale shared by {blocksize}*256")
@@ -21,10 +21,10 @@ def check_bits_per_param_dq(blocksize: int, answer) -> bool:
     return True
 
 
-def check_layer_bytes(shape: tuple[int, int], answer) -> bool:
+def check_layer_bytes(shape: tuple[int, int], answer) -> bool | None:
     """Exercise 2: total bytes bitsandbytes stores for an NF4+DQ weight of ``shape``."""
     if not attempted(answer, "Exercise 2"):
-        return False
+        return None   # waiting: nothing to display below the hint
     from bitsandbytes.functional import quantize_4bit
     w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     packed, state = quantize_4bit(w, quant_type="nf4", compress_statistics=True)

@@ -11,10 +11,10 @@ from ..sft import TrainingHealthCallback, prepare_qlora_model, training_argument
 from . import attempted, expect
 
 
-def check_label_share(answer, train_ds) -> bool:
+def check_label_share(answer, train_ds) -> bool | None:
     """Exercise 1: the share of training tokens that carry a label (are not ``IGNORE_INDEX``)."""
     if not attempted(answer, "Exercise 1"):
-        return False
+        return None   # waiting: nothing to display below the hint
     n_tok = sum(len(x) for x in train_ds["labels"])
     n_lab = sum(sum(t != IGNORE_INDEX for t in x) for x in train_ds["labels"])
     expect(abs(float(answer) - n_lab / n_tok) < 1e-3, f"got {float(answer):.4f}; count the labels that are not "
@@ -23,11 +23,11 @@ def check_label_share(answer, train_ds) -> bool:
     return True
 
 
-def check_paper_trainable(answer, profile) -> bool:
+def check_paper_trainable(answer, profile) -> bool | None:
     """Exercise 2: trainable parameters with the QLoRA paper's adapter (r=64, alpha 16, all linear),
     counted by PEFT on the kit's model."""
     if not attempted(answer, "Exercise 2"):
-        return False
+        return None   # waiting: nothing to display below the hint
     model = prepare_qlora_model(load_model(profile), QLORA_PAPER["7b"].lora_config())
     want = model.get_nb_trainable_parameters()[0]
     expect(int(answer) == want, f"got {int(answer):,}, PEFT counts {want:,}: r * (d_in + d_out) for each of the "

@@ -9,13 +9,13 @@ from ..merge import merged_weight
 from . import attempted, expect
 
 
-def check_merged_layer(merged_weight_fn, model) -> bool:
+def check_merged_layer(merged_weight_fn, model) -> bool | None:
     """``merged_weight_fn(lora_layer) -> (out, in) tensor``: W + ΔW of one PEFT LoRA layer on a
     4-bit base, by hand (dequantize, then add ``scaling * B @ A``). Checked on every layer."""
     from peft.tuners.lora import LoraLayer
     layers = [m for m in model.get_base_model().modules() if isinstance(m, LoraLayer)]
     if not attempted(merged_weight_fn(layers[0]), "Exercise 1"):
-        return False
+        return None   # waiting: nothing to display below the hint
     for layer in layers:
         want = merged_weight(layer)
         got = merged_weight_fn(layer)
@@ -26,10 +26,10 @@ def check_merged_layer(merged_weight_fn, model) -> bool:
     return True
 
 
-def check_adapter_bytes(answer, config, r: int = 16) -> bool:
+def check_adapter_bytes(answer, config, r: int = 16) -> bool | None:
     """Bytes of the fp32 LoRA tensors of an all-linear rank-``r`` adapter on ``config``'s model."""
     if not attempted(answer, "Exercise 2"):
-        return False
+        return None   # waiting: nothing to display below the hint
     want = 4 * llama_lora_param_count(config, r)  # fp32: 4 bytes per A or B entry
     expect(int(answer) == want, f"{answer} bytes: count r * (in + out) per targeted layer (7 per "
                                  f"decoder layer), times the layers, times 4 bytes (fp32)")

@@ -1,0 +1,97 @@
+"""The gpu profile's numerics on the CPU (``runtime.t4_emulation``: fp16 compute, fp16 non-quantized
+weights): each notebook's key code path, so that a dtype mistake fails in CI, not in a learner's Colab.
+Each test names the failure it guards against; each was seen failing without its fix."""
+import math
+
+import pytest
+import torch
+
+from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer, t4_emulation
+
+
+@pytest.fixture(scope="module")
+def t4(offline_profile):
+    return t4_emulation(offline_profile)
+
+
+@pytest.fixture(scope="module")
+def batches(t4):
+    from qlora_helpers.lora import chat_batch
+    tok, ds = load_tokenizer(t4), load_task_dataset(t4)
+    return [chat_batch(tok, ds["train"].select(range(i * 8, i * 8 + 8))) for i in range(4)]
+
+
+def test_the_emulated_t4_loads_fp16_weights(t4):
+    model = load_model(t4, quantized=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    q = load_model(t4)
+    assert q.model.layers[0].self_attn.q_proj.compute_dtype == torch.float16
+
+
+def test_01_lora_on_an_fp16_base_trains_in_fp32(t4, batches):
+    """AdamW on fp16 adapters: eps=1e-8 underflows to 0 in fp16 and the first step divides by ~0, so
+    every adapter weight turned NaN after one step, before inject_lora kept A and B in fp32."""
+    from qlora_helpers.lora import inject_lora, lm_loss, lora_layers, train_steps
+    torch.manual_seed(0)
+    model = inject_lora(load_model(t4, quantized=False), "all-linear", r=8, alpha=16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    losses = train_steps(model, batches, lr=5e-3)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert all(torch.isfinite(p).all() for p in trainable)
+    with torch.no_grad():
+        loss = lm_loss(model, batches[0])
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    # merge then unmerge on fp16 weights: restored to fp16 rounding (fp16's eps, not fp32's)
+    layer = next(iter(lora_layers(model).values()))
+    w0 = layer.base_layer.weight.detach().clone()
+    d = layer.get_delta_weight().detach()
+    layer.merge(); layer.unmerge()
+    err = (layer.base_layer.weight.float() - w0.float()).abs()
+    eps = torch.finfo(torch.float16).eps
+    assert torch.all(err <= 2 * eps * (w0.float().abs() + d.abs()) + 2 ** -24), err.max()
+
+
+def test_02_nf4_of_fp16_weights_is_bitsandbytes(t4):
+    import bitsandbytes.functional as bnbF
+    from qlora_helpers import nf4
+    w = load_model(t4, quantized=False).model.layers[0].mlp.down_proj.weight.detach()   # fp16
+    packed, absmax = nf4.quantize_nf4(w)
+    ref, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    assert torch.equal(packed, ref.reshape(-1)) and torch.equal(absmax, state.absmax)
+
+
+def test_04_qlora_trainer_steps_on_fp16_numerics(t4, tmp_path):
+    """prepare_qlora_model on an fp16 4-bit base: fp32 adapters (PEFT's autocast) and fp32 norms, a
+    finite, falling loss through Trainer. The CPU cannot run fp16 autocast in Trainer, so fp16=False
+    here; the model's own numbers are fp16 as on a T4."""
+    from transformers import Trainer
+    from qlora_helpers.recipe import recipe_for
+    from qlora_helpers.sft import TrainingHealthCallback, prepare_qlora_model, training_arguments
+    from qlora_helpers.sft_data import padded_collator, tokenize_dataset
+    tok = load_tokenizer(t4)
+    recipe = recipe_for(t4).replace(steps=6, lr=3e-3)
+    model = prepare_qlora_model(load_model(t4), recipe)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    health = TrainingHealthCallback(model)
+    args = training_arguments(t4, str(tmp_path), recipe, fp16=False, logging_steps=1, optim="adamw_torch")
+    ds = tokenize_dataset(load_task_dataset(t4)["train"].select(range(64)), tok)
+    Trainer(model=model, args=args, train_dataset=ds, data_collator=padded_collator(tok, None),
+            callbacks=[health]).train()
+    losses = [h["loss"] for h in health.history]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+
+
+def test_05_fp16_logits_against_fp32_need_the_fp16_tolerance(t4, offline_profile):
+    """A GPU's fp16 logits against fp32 ones: the kit's 1e-3 bound cannot hold (fp16 keeps 11 bits), the
+    bound derived from the dtype does."""
+    from qlora_helpers.evaluation import logits_and_mask
+    from qlora_helpers.evaluation import logit_tolerance
+    from qlora_helpers.merge import logit_gap
+    tok = load_tokenizer(t4)
+    texts = [f"<|im_start|>user\nRewrite 2024-0{i}-1{i}<|im_end|>\n" for i in range(1, 5)]
+    ref, mask = logits_and_mask(load_model(offline_profile, quantized=False), tok, texts)
+    half, _ = logits_and_mask(load_model(t4, quantized=False), tok, texts)
+    gap = logit_gap(ref, half.float(), mask)
+    assert gap["max_abs_logit_diff"] > 1e-3                                   # the fp32 bound fails
+    assert gap["max_abs_logit_diff"] < logit_tolerance(torch.float16, ref[mask.bool()].abs().max().item())
