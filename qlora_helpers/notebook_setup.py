@@ -1,4 +1,5 @@
-"""The first code cell of every notebook: installs what Colab lacks, only in Colab.
+"""The first code cell of every notebook: installs what Colab lacks (only in Colab), and makes a
+failed check explain itself (everywhere).
 
 Generated from one template so that the repository address (``qlora_helpers.REPO_URL``) and the
 pins live in one place. ``python -m qlora_helpers.notebook_setup`` rewrites the cell in every
@@ -26,7 +27,7 @@ def setup_cell_source() -> str:
     there at the pinned versions, and say what to do when it is not; elsewhere nothing."""
     pins = " ".join(COLAB_PINS)
     return (
-        "# Colab only: install what Colab lacks (never torch), then check it. Elsewhere this cell does nothing.\n"
+        "# In Colab: install what Colab lacks (never torch), then check it. Everywhere: a failed check says what to do.\n"
         "import sys\n"
         "if \"google.colab\" in sys.modules:\n"
         f"    get_ipython().run_line_magic(\"pip\", \"install -q {pins}\")\n"
@@ -37,7 +38,9 @@ def setup_cell_source() -> str:
         f"        raise RuntimeError(\"The kit's package did not install from {REPO_URL} (pip's message is above). \"\n"
         "                           \"Check that the address is right and reachable, or upload the kit's folder and run \"\n"
         "                           \"%pip install -q --no-deps -e <folder>\") from None\n"
-        "    check_colab_install()"
+        "    check_colab_install()\n"
+        "from qlora_helpers.notebook_setup import explain_failed_checks\n"
+        "explain_failed_checks()   # a failed assert below prints what it means and what to do"
     )
 
 
@@ -100,3 +103,38 @@ if __name__ == "__main__":
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("notebooks")
     for p in sync(root):
         print("updated", p)
+
+
+FAILED_CHECK_HELP = """
+That was one of this notebook's checks: `{line}` did not hold{detail}.
+Each check proves the claim written just above its cell, so that claim did not hold on this machine.
+What to do:
+  1. Kernel > Restart Kernel and Run All Cells: a cell run out of order, or twice, leaves stale values.
+  2. If it fails again: compare the environment doctor's versions at the top of the notebook with the
+     kit's pins (pyproject.toml; `make test` checks them), and look for the message in TROUBLESHOOTING.md.
+  3. Still failing: it is worth a report. Include the doctor's output and this traceback.
+"""
+
+
+def explain_failed_checks(shell=None) -> None:
+    """From now on, a failed ``assert`` in this notebook is followed, under its traceback, by what it
+    means and what to do (:data:`FAILED_CHECK_HELP`), so that no check stops a learner with a bare
+    ``AssertionError``. The cell still fails (Run All stops there, nbval reports it). Outside IPython
+    it does nothing. The setup cell of every notebook calls it; ``tests/test_notebooks.py`` runs a
+    failing check through it.
+    """
+    import traceback
+    if shell is None:
+        try:
+            shell = get_ipython()  # noqa: F821  (defined inside IPython only)
+        except NameError:
+            return
+
+    def explain(self, etype, value, tb, tb_offset=None):
+        self.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        frames = traceback.extract_tb(tb)
+        line = (frames[-1].line or "assert ...") if frames else "assert ..."
+        detail = f" ({value})" if str(value) else ""
+        print(FAILED_CHECK_HELP.format(line=line.strip(), detail=detail), file=sys.stderr)
+
+    shell.set_custom_exc((AssertionError,), explain)

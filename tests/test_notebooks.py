@@ -70,3 +70,20 @@ def test_the_install_check_names_the_library_and_the_fix(capsys):
     assert "transformers 5.23.0 is installed, the kit is tested with 0.0.1" in problems[0] and "Restart" in problems[0]
     assert "no-such-library-xyz is not installed" in problems[1]
     assert "setup: transformers" in capsys.readouterr().out
+
+
+def test_a_failed_check_says_what_to_do_and_still_fails():
+    """The setup cell's explain_failed_checks: a bare assert that fails prints what it means and what to
+    do under its traceback, and the cell still fails (Run All stops, nbval reports it)."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from qlora_helpers.notebook_setup import explain_failed_checks\n"
+                                          "explain_failed_checks()"),
+                nbformat.v4.new_code_cell("x = 1\nassert x == 2"), nbformat.v4.new_code_cell("print('not reached')")]
+    with pytest.raises(CellExecutionError):
+        NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    said = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert "`assert x == 2` did not hold" in said and "Restart Kernel and Run All Cells" in said
+    assert any(o.get("ename") == "AssertionError" for o in nb.cells[1].outputs)
+    assert not nb.cells[0].outputs and not nb.cells[2].outputs

@@ -95,3 +95,35 @@ def test_05_fp16_logits_against_fp32_need_the_fp16_tolerance(t4, offline_profile
     gap = logit_gap(ref, half.float(), mask)
     assert gap["max_abs_logit_diff"] > 1e-3                                   # the fp32 bound fails
     assert gap["max_abs_logit_diff"] < logit_tolerance(torch.float16, ref[mask.bool()].abs().max().item())
+
+
+def test_05_merge_of_an_fp16_4bit_model_keeps_its_function(t4):
+    """merge_to_fp on a T4-numerics model (fp16 4-bit compute, fp16 norms and embeddings): the merged fp32
+    model computes what the adapter computes, within the bound fp16 allows."""
+    from peft import get_peft_model
+    from qlora_helpers.evaluation import logit_tolerance, logits_and_mask
+    from qlora_helpers.merge import merge_to_fp
+    from qlora_helpers.recipe import KIT_LOOP
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(t4), KIT_LOOP.lora_config())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)           # a non-zero update, or merging proves nothing
+    tok = load_tokenizer(t4)
+    texts = [f"<|im_start|>user\nRewrite 2024-0{i}-1{i}<|im_end|>\n" for i in range(1, 5)]
+    ref, mask = logits_and_mask(model, tok, texts)
+    merged = merge_to_fp(model)
+    got, _ = logits_and_mask(merged, tok, texts)
+    gap = (got - ref)[mask].abs().max().item()
+    base, _ = logits_and_mask(load_model(t4, quantized=False), tok, texts)
+    assert gap < logit_tolerance(torch.float16, ref[mask].abs().max().item()), gap
+    assert (base - ref)[mask].abs().max().item() > 10 * gap      # the update is there, and merged
+
+
+def test_06_loftq_on_fp16_weights(t4):
+    from qlora_helpers import loftq as lq
+    w = load_model(t4, quantized=False).model.layers[0].mlp.up_proj.weight.detach()   # fp16 (384, 128)
+    q, a, b = lq.loftq(w, r=8, num_iter=2)
+    assert q.dtype == a.dtype == b.dtype == torch.float32      # the decomposition runs in fp32 whatever w is
+    err = lq.loftq_errors(w, q, a, b)
+    assert all(math.isfinite(v) for v in err.values()) and err["loftq"] < err["plain"], err
