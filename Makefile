@@ -11,7 +11,7 @@ export QLORA_KIT_PROFILE ?= offline
 export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
 export PYTHONHASHSEED := 0
 
-.PHONY: course test lab notebooks notebook venv assets clean
+.PHONY: course test lab notebooks notebook venv assets browser-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,13 +32,25 @@ course: assets
 
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are.
-test: assets
+test: assets browser-deps
 	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(PY) -m pytest tests qlora_helpers notebooks \
 		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q
 
-## JupyterLab on the notebooks (ipywidgets render there). As root (containers, some cloud machines)
+## The browser test's chromium and chromedriver (tests/test_browser.py), from Debian's packages: installed
+## when missing and this is Debian as root (about 20 s); otherwise it says so and the test is skipped.
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium chromium-driver >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
+		echo "could not install chromium; the browser test will be skipped"; \
+	else echo "chromium/chromedriver missing (Debian: sudo apt-get install chromium chromium-driver); the browser test will be skipped"; fi
+
+## JupyterLab on the notebooks. The kit's notebooks are trusted first (jupyter trust), or JupyterLab shows
+## their saved widgets as Python text until each cell runs. As root (containers, some cloud machines)
 ## JupyterLab refuses to start without --allow-root; it is passed only when the user is root.
 lab: $(STAMP)
+	$(VENV)/bin/jupyter trust notebooks/*.ipynb
 	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ## Re-execute notebooks and write their outputs in place (for committing).
