@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -151,8 +151,8 @@ def t4_emulation(profile: Profile) -> Profile:
     >>> t4_emulation(get_profile("offline", model="tiny")).compute_dtype
     torch.float16
     """
-    return Profile("gpu", "cpu", "T4 (emulated on the CPU)", (7, 5), torch.float16, profile.optimizer,
-                   profile.model_source, profile.dataset_source, profile.model)
+    return replace(profile, name="gpu", gpu_name="T4 (emulated on the CPU)", compute_capability=(7, 5),
+                   compute_dtype=compute_dtype_for("cuda", (7, 5)))
 
 
 def opt_in_models(env: str = BIG_MODELS_ENV) -> list[str]:
