@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .double_quant import measured_bytes
+from .recipe import prepare_qlora_model
 from .training import saved_tensor_bytes  # noqa: F401  (the activations autograd keeps; notebook 03)
 
 
@@ -49,8 +50,8 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
     """Peak bytes torch allocated on the GPU over ``steps`` QLoRA training steps of ``model``.
 
     ``model`` is a loaded 4-bit base (``runtime.load_model`` of a gpu profile). It gets the recipe's
-    LoRA on every linear layer after ``prepare_model_for_kbit_training`` (fp32 norms and
-    embeddings, gradient checkpointing as the recipe says), then forward, backward and an
+    LoRA on every linear layer through :func:`qlora_helpers.recipe.prepare_qlora_model` (notebook
+    04's own call: fp32 norms and embeddings, gradient checkpointing as the recipe says), then forward, backward and an
     optimizer step on random tokens of ``batch_size`` x ``seq_len``, under autocast to
     ``compute_dtype`` (the profile's: fp16 on a T4, bf16 on Ampere and newer).
     ``torch.cuda.max_memory_allocated`` sees every tensor but neither the CUDA context nor the
@@ -63,7 +64,6 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
         ValueError: an optimizer other than ``"adamw"``, ``"adamw_8bit"``, ``"paged_adamw_8bit"``.
     """
     import bitsandbytes as bnb
-    from peft import get_peft_model, prepare_model_for_kbit_training
     device = next(model.parameters()).device
     if compute_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"compute_dtype={compute_dtype}: a GPU run computes in torch.float16 (T4) or "
@@ -75,9 +75,7 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
     if optimizer not in makers:
         raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(makers)}")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, recipe.lora_config())
+    model = prepare_qlora_model(model, recipe)
     opt = makers[optimizer]([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     torch.cuda.empty_cache()

@@ -7,6 +7,10 @@ learning rate, warm-up, clipping, batch, steps, seed). nanoGPT keeps its model's
 change another's numbers by accident, and every rule about them (a rank is a positive int, a
 learning rate is positive and finite, ...) is checked here, once.
 
+:func:`prepare_qlora_model` applies a recipe to a 4-bit base (PEFT's ``prepare_model_for_kbit_training``,
+then the recipe's LoRA): the one way every QLoRA run in the kit (notebooks 03's GPU measurement, 04, 06)
+gets its trainable model.
+
 The presets: :data:`KIT_SFT` (notebook 04, the Trainer), :data:`KIT_LOOP` (the plain loop's
 stand-in adapter of notebook 05), :data:`ABLATION_BASELINE` (notebook 06's baseline) and
 :data:`QLORA_PAPER` (the QLoRA paper's reference scripts, arXiv:2305.14314,
@@ -132,6 +136,33 @@ class Recipe:
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=targets, use_rslora=self.use_rslora, use_dora=self.use_dora,
                           bias="none", task_type="CAUSAL_LM")
+
+
+def prepare_qlora_model(model, config, gradient_checkpointing: bool | None = None):
+    """``prepare_model_for_kbit_training`` then ``get_peft_model``: the trainable QLoRA model.
+
+    ``prepare_model_for_kbit_training`` freezes the base, casts the small non-quantized weights
+    (norms, embeddings) to fp32 for stability, and makes the input embeddings require grad so that
+    gradient checkpointing has something to back-propagate through (the base has no trainable
+    weights). ``use_reentrant=False`` is the checkpointing variant PyTorch recommends.
+
+    Args:
+        config: a :class:`Recipe` (its ``lora_config()`` and its ``gradient_checkpointing``, the
+            same setting :func:`qlora_helpers.sft.training_arguments` reads, so the
+            model and the trainer agree), or a ``peft.LoraConfig``.
+        gradient_checkpointing: overrides the recipe's setting; ``True`` for a bare ``LoraConfig``.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    if isinstance(config, Recipe):
+        if gradient_checkpointing is None:
+            gradient_checkpointing = config.gradient_checkpointing
+        config = config.lora_config()
+    elif gradient_checkpointing is None:
+        gradient_checkpointing = True
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, config)
 
 
 # The kit's SFT recipe on the real model (notebook 04, both profiles): rank 16 with alpha = 2r

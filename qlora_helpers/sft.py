@@ -26,7 +26,9 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .recipe import KIT_SFT, Recipe, recipe_for
+# prepare_qlora_model (a 4-bit base and a recipe -> the trainable model) lives with the recipe, so that
+# notebook 03's GPU measurement can use it too; re-exported here, where notebook 04 teaches it.
+from .recipe import KIT_SFT, Recipe, prepare_qlora_model, recipe_for  # noqa: F401
 # The one plain loop and its alarm live in qlora_helpers.training; re-exported for notebook 04.
 from .training import TrainingAlarm, check_loss, train_loop, warmup_lr  # noqa: F401
 
@@ -46,33 +48,6 @@ def lora_config(r: int = KIT_SFT.r, lora_alpha: float = KIT_SFT.lora_alpha,
         ``peft.LoraConfig`` for a causal LM.
     """
     return KIT_SFT.replace(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout).lora_config()
-
-
-def prepare_qlora_model(model, config, gradient_checkpointing: bool | None = None):
-    """``prepare_model_for_kbit_training`` then ``get_peft_model``: the trainable QLoRA model.
-
-    ``prepare_model_for_kbit_training`` freezes the base, casts the small non-quantized weights
-    (norms, embeddings) to fp32 for stability, and makes the input embeddings require grad so that
-    gradient checkpointing has something to back-propagate through (the base has no trainable
-    weights). ``use_reentrant=False`` is the checkpointing variant PyTorch recommends.
-
-    Args:
-        config: a :class:`qlora_helpers.recipe.Recipe` (its ``lora_config()`` and its
-            ``gradient_checkpointing``, the same setting :func:`training_arguments` reads, so the
-            model and the trainer agree), or a ``peft.LoraConfig``.
-        gradient_checkpointing: overrides the recipe's setting; ``True`` for a bare ``LoraConfig``.
-    """
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    if isinstance(config, Recipe):
-        if gradient_checkpointing is None:
-            gradient_checkpointing = config.gradient_checkpointing
-        config = config.lora_config()
-    elif gradient_checkpointing is None:
-        gradient_checkpointing = True
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, config)
 
 
 def precision_flags(profile) -> dict[str, bool]:
