@@ -232,7 +232,7 @@ def base_fingerprint(profile) -> str:
     """What every number of the grid depends on first: the SHA-256 of the base model's weights
     file (``model.safetensors`` in a local model folder), or the hub id for a hub model."""
     from .artifacts import sha256_file
-    weights = Path(profile.model_source) / "model.safetensors"
+    weights = Path(profile.model_files()) / "model.safetensors"
     return sha256_file(weights) if weights.exists() else profile.model_source
 
 

@@ -93,6 +93,14 @@ class Profile:
     dataset_source: str           # a local folder or a hub id
     model: str = "smollm2"        # one of MODELS
 
+    def model_files(self) -> str:
+        """``model_source``, ready to read: the real model is fetched and converted first if this machine
+        has not done it yet (once, SHA-256 checked), so a fresh machine (a new Colab VM, a notebook run
+        on its own) can read its ``config.json`` before anything has loaded the model. A hub id comes
+        back as it is. Use this, not ``model_source``, wherever files are read."""
+        _ensure_local(self)
+        return self.model_source
+
     def bnb_config(self, double_quant: bool = True, quant_type: str = "nf4"):
         """The QLoRA paper's 4-bit recipe: NF4, double quantization, compute in ``compute_dtype``."""
         from transformers import BitsAndBytesConfig

@@ -281,7 +281,7 @@ def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int 
     em_after, _ = exact_match(model, tok, test_rows, max_new_tokens=max_new_tokens)
     log(f"{profile.model}: {recipe.steps} steps in {seconds:.0f} s, exact match after {em_after:.2f}")
     peak = torch.cuda.max_memory_allocated() if profile.device == "cuda" else None
-    planner_name = profile.model if profile.model in KNOWN_CONFIGS else profile.model_source
+    planner_name = profile.model if profile.model in KNOWN_CONFIGS else profile.model_files()
     plan = estimate_memory(planner_name, "qlora", r=recipe.r, batch_size=recipe.batch_size, seq_len=seq_len,
                            gradient_checkpointing=recipe.gradient_checkpointing,
                            optimizer="paged_adamw_8bit" if profile.optimizer == "paged_adamw_8bit" else "adamw",

