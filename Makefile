@@ -11,7 +11,7 @@ export QLORA_KIT_PROFILE ?= offline
 export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
 export PYTHONHASHSEED := 0
 
-.PHONY: course test lab notebooks notebook venv assets browser-deps clean
+.PHONY: course course-t4 test lab notebooks notebook venv assets browser-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ assets: $(STAMP)
 ## Run every notebook headless on the offline profile, write figures/, print what each proved.
 course: assets
 	$(PY) -m qlora_helpers.course
+
+## The whole course with a T4's numerics (fp16) on this CPU: which notebooks pass, or each one's first
+## error (build/t4/results.json). What fp16 does to the course, without a GPU; about as long as `make course`.
+course-t4: assets
+	$(PY) -m qlora_helpers.course --t4
 
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are.

@@ -3,6 +3,9 @@
 ``python -m qlora_helpers.course``            executes notebooks/*.ipynb into build/executed/
 ``python -m qlora_helpers.course --inplace``  writes the outputs back into the notebooks
 ``python -m qlora_helpers.course NB.ipynb``   only those notebooks
+``python -m qlora_helpers.course --t4``       every notebook with a T4's numerics on the CPU
+                                              (fp16, ``QLORA_KIT_T4_EMULATION=1``): runs each to the end
+                                              and says which passed, or each one's first error
 
 Each notebook runs in its own kernel with ``notebooks/`` as working directory, so figures land
 in ``figures/``. Claims recorded with :func:`qlora_helpers.summary.record` are gathered into
@@ -35,6 +38,65 @@ def execute(path: Path, out: Path, timeout: int = 1800) -> float:
     return seconds
 
 
+def first_error(nb) -> dict | None:
+    """The first cell of an executed notebook that raised: its code-cell index, the exception, the
+    line it names, or None when every cell ran."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for i, cell in enumerate(code):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                first_line = next((ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith("#")), "")
+                return {"cell": i, "error": f"{out['ename']}: {out['evalue']}"[:300], "first_line": first_line[:120]}
+    return None
+
+
+def run_t4(paths: list[Path], out_dir: Path, timeout: int = 1800) -> list[dict]:
+    """Execute ``paths`` with a T4's numerics on the CPU (:func:`qlora_helpers.runtime.t4_emulation`
+    through ``QLORA_KIT_T4_EMULATION=1``), each to its last cell whatever fails, into ``out_dir``
+    (executed notebooks, figures, a cache of its own so that no fp16 adapter replaces the course's;
+    the converted real model is linked, not converted again). Returns one row per notebook:
+    ``passed`` or its first error, and the seconds it took; also written to ``out_dir/results.json``."""
+    import json
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .offline import cache_root
+    from .real_model import MODEL_DIR_NAME
+    from .runtime import T4_EMULATION_ENV
+    main_cache, cache = cache_root(), out_dir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_DIR_NAME, "wheels"):   # fixed bytes, SHA-256 checked wherever they are read
+        if (main_cache / name).exists() and not (cache / name).exists():
+            (cache / name).symlink_to((main_cache / name).resolve(), target_is_directory=True)
+    env = {T4_EMULATION_ENV: "1", "QLORA_KIT_CACHE": str(cache), "QLORA_KIT_FIGURES": str(out_dir / "figures")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    rows = []
+    try:
+        for i, path in enumerate(paths, 1):
+            print(f"[{i}/{len(paths)}] {path.name} with a T4's numerics ...", flush=True)
+            nb = nbformat.read(path, as_version=4)
+            t0 = time.perf_counter()
+            NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            err = first_error(nb)
+            rows.append({"notebook": path.name, "result": "passed" if err is None else "failed",
+                         "seconds": round(time.perf_counter() - t0), **({"first_error": err} if err else {})})
+            (out_dir / "executed").mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, out_dir / "executed" / path.name)
+            print(f"[{i}/{len(paths)}] {path.name}: {rows[-1]['result']}"
+                  + (f" at code cell {err['cell']}: {err['error']}" if err else ""), flush=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
 def format_summary(rows: list[dict], times: dict[str, float]) -> str:
     lines = []
     for name, seconds in times.items():
@@ -51,10 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("notebooks", nargs="*", type=Path)
     ap.add_argument("--inplace", action="store_true", help="write outputs into the notebooks")
+    ap.add_argument("--t4", action="store_true", help="a T4's fp16 numerics on the CPU; results in build/t4/")
     args = ap.parse_args(argv)
     paths = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
     build = ROOT / "build"
     build.mkdir(exist_ok=True)
+    if args.t4:
+        if args.inplace:
+            ap.error("--t4 never writes into the notebooks (their committed outputs are the CPU's); drop --inplace")
+        rows = run_t4(paths, build / "t4")
+        print(f"\n{'notebook':<30}{'result':<8}{'s':>5}  first error")
+        for r in rows:
+            err = r.get("first_error")
+            print(f"{r['notebook']:<30}{r['result']:<8}{r['seconds']:>5}  "
+                  + (f"code cell {err['cell']} ({err['first_line']}): {err['error']}" if err else ""))
+        return 0 if all(r["result"] == "passed" for r in rows) else 1
     summary = build / "summary.jsonl"
     summary.unlink(missing_ok=True)
     os.environ[SUMMARY_ENV] = str(summary)

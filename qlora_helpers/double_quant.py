@@ -105,7 +105,7 @@ def quantize_lut(code: torch.Tensor) -> torch.Tensor:
         int64 (65536,): the number of float32 code midpoints strictly below ``-1 + 2i/65535``.
     """
     mids = 0.5 * (code[:-1] + code[1:])                                # (255,) float32
-    i = torch.arange(LUT_SIZE, dtype=torch.float32)                    # (65536,)
+    i = torch.arange(LUT_SIZE, dtype=torch.float32, device=code.device)  # (65536,) on the code's device
     values = -1.0 + (2.0 * i) / (LUT_SIZE - 1)                          # (65536,) float32
     return torch.searchsorted(mids, values, side="left")                # (65536,)
 
@@ -124,11 +124,11 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
     Returns:
         codes uint8 (n,), absmax float32 (ceil(n / blocksize),).
     """
-    code = dynamic_map() if code is None else code
     x = x.reshape(-1).float()                                          # (n,)
+    code = (dynamic_map() if code is None else code).to(x.device)      # (256,) the table follows the data (GPU)
     absmax = nf4.block_absmax(x, blocksize, floor_partial=False)       # (n_blocks,)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # (Note: zero block)
-    per_value = torch.arange(x.numel()) // blocksize                   # (n,) block of each value
+    per_value = torch.arange(x.numel(), device=x.device) // blocksize  # (n,) block of each value
     v = (x * inv[per_value]).clamp(-1, 1)                              # (n,) multiply, not divide
     bins = (((v + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).long()           # (n,) truncation, float32 math
     codes = quantize_lut(code)[bins]                                   # (n,)
@@ -139,8 +139,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                               blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
     """``code[q] * absmax`` of its block, float32 (n,): bitsandbytes' ``dequantize_blockwise``."""
-    per_value = torch.arange(codes.numel()) // blocksize               # (n,)
-    return code[codes.reshape(-1).long()] * absmax[per_value]          # (n,)
+    per_value = torch.arange(codes.numel(), device=codes.device) // blocksize  # (n,)
+    return code.to(codes.device)[codes.reshape(-1).long()] * absmax.to(codes.device)[per_value]  # (n,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def double_quantize(absmax: torch.Tensor, dq_blocksize: int = DQ_BLOCKSIZE) -> D
         :class:`DoubleQuantState`, equal field by field to bitsandbytes' nested quant state.
     """
     offset = absmax.mean()                                             # 0-d fp32 (Note: offset)
-    code = dynamic_map()                                               # (256,)
+    code = dynamic_map().to(absmax.device)                             # (256,)
     qabsmax, absmax2 = quantize_blockwise_8bit(absmax - offset, code, dq_blocksize)
     return DoubleQuantState(qabsmax, absmax2, code, offset, dq_blocksize)
 

@@ -176,7 +176,7 @@ class LoRALinear(nn.Module):
                              f"weight; merge into a full-precision copy of the base instead "
                              f"(merging into 4-bit re-quantizes W + ΔW and loses precision)")
         w = self.base_layer.weight
-        w.data += self.get_delta_weight().to(w.dtype)  # (out, in); fp32 ΔW rounded once into an fp16 W
+        w.data += self.get_delta_weight()  # (out, in); fp32 ΔW added in fp32, the sum rounded once to W's dtype (as PEFT)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -194,7 +194,7 @@ class LoRALinear(nn.Module):
             return result  # ΔW already inside W
         a = self.lora_A.weight  # fp32 whatever the base's dtype (inject_lora says why), as PEFT does
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling  # (..., out)
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)  # summed in fp32, rounded once to the base's dtype (as PEFT)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
@@ -291,6 +291,11 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINE
         # fp16 parameters overflows its second moment (eps=1e-8 is 0 in fp16) and turns them NaN after
         # one step (tests/test_lora.py), and fp32 adapters are what PEFT keeps too.
         layer = LoRALinear(base, r, alpha, dropout, use_rslora)       # A and B are created in fp32
+        if base.weight.dtype in (torch.float16, torch.bfloat16):
+            # PEFT creates its adapter, moves it to the base's dtype, then casts it back to fp32
+            # (autocast_adapter_dtype): its initial A is rounded to fp16 once. The same here, so that
+            # ours and PEFT's start bit-identical from the same seed on a T4 too (notebook 01).
+            layer.lora_A.weight.data = layer.lora_A.weight.data.to(base.weight.dtype).float()
         for m in (layer.lora_A, layer.lora_B):
             m.to(base.weight.device)                                 # only A and B move: W keeps its dtype
         setattr(parent, child, layer)

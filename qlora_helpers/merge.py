@@ -113,18 +113,24 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
 
 def kit_dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The same as :func:`dequantize_weight`, through the kit's own NF4 and double quantization
-    (:mod:`qlora_helpers.nf4`, :mod:`qlora_helpers.double_quant`): an independent check."""
+    (:mod:`qlora_helpers.nf4`, :mod:`qlora_helpers.double_quant`): an independent check. Computed in
+    fp32, then rounded to the quantization state's dtype as bitsandbytes returns it (fp16 on a T4:
+    without the rounding the two differ by up to fp16's rounding, 4.9e-4 on SmolLM2, found by
+    ``course --t4``), then fp32 again like :func:`dequantize_weight`; the double-quantized block
+    constants in the dtype bitsandbytes uses for them (see the comment)."""
     from . import double_quant, nf4
     packed, s = standard_layout(module)
     if s.quant_type != "nf4":
         raise ValueError(f"kit_dequantize_weight handles NF4 only, got {s.quant_type!r}")
     if s.nested:
-        dq = double_quant.DoubleQuantState(s.absmax, s.state2.absmax, s.state2.code, s.offset,
-                                           s.state2.blocksize)
-        absmax = double_quant.dequantize_absmax(dq)  # (n_blocks,)
+        # bitsandbytes computes the constants in state2's dtype: fp32 as quantized, but the layer's
+        # dtype (fp16 on a T4) once a CPU repack has been converted back, so rounded to it here too
+        absmax = (double_quant.dequantize_blockwise_8bit(s.absmax, s.state2.absmax, s.state2.code,
+                                                         s.state2.blocksize).to(s.state2.dtype)
+                  + s.offset).float()  # (n_blocks,)
     else:
         absmax = s.absmax.float()
-    return nf4.dequantize_nf4(packed.view(torch.uint8), absmax, tuple(s.shape), s.blocksize)
+    return nf4.dequantize_nf4(packed.view(torch.uint8), absmax, tuple(s.shape), s.blocksize).to(s.dtype).float()
 
 
 # ---------------------------------------------------------------------------------------------

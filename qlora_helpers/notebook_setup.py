@@ -16,10 +16,15 @@ from pathlib import Path
 
 from . import REPO_URL
 
-# The libraries Colab lacks or has at another version; never torch.
+# The libraries Colab lacks or has at another version; never torch. tokenizers and safetensors
+# write the real model's converted files, whose SHA-256 the kit checks (qlora_helpers.real_model).
 COLAB_PINS = ["transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2",
-              "accelerate==1.15.0", "datasets==5.2.0", "gguf==0.19.0", "trl==1.16.0",
-              "mlflow-skinny==3.17.2"]
+              "accelerate==1.15.0", "datasets==5.2.0", "tokenizers==0.23.3", "safetensors==0.8.0",
+              "gguf==0.19.0", "trl==1.16.0", "mlflow-skinny==3.17.2"]
+# What the notebooks and the kit import that every Colab runtime already has (its CUDA torch and its
+# scientific stack); tests/test_environment.py checks that every import is here or in COLAB_PINS.
+COLAB_PREINSTALLED = ["torch", "numpy", "pandas", "matplotlib", "ipywidgets", "ipython", "huggingface-hub",
+                      "packaging", "pyyaml", "tqdm"]
 
 
 def setup_cell_source() -> str:

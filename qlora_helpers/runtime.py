@@ -48,6 +48,7 @@ MODEL_ENV = "QLORA_KIT_MODEL"
 THREADS_ENV = "QLORA_KIT_THREADS"
 BIG_MODELS_ENV = "QLORA_KIT_BIG_MODELS"   # opt-in GPU cells of notebook 03: comma-separated HUB_MODELS names
 CAPSTONE_ENV = "QLORA_KIT_CAPSTONE"       # opt-in GPU capstone of notebook 04: one HUB_MODELS name
+T4_EMULATION_ENV = "QLORA_KIT_T4_EMULATION"  # "1": every CPU profile gets a T4's numerics (t4_emulation)
 PROFILES = ("offline", "gpu")
 HUB_MODELS = {   # opt-in bigger models: the kit's name -> the hub id (each needs the gpu profile)
     "smollm2-hub": "HuggingFaceTB/SmolLM2-135M-Instruct",   # the same model, its original bf16 weights
@@ -111,8 +112,13 @@ class Profile:
 
 def get_profile(name: str | None = None, model: str | None = None) -> Profile:
     """The active profile: ``name``, else ``$QLORA_KIT_PROFILE``, else gpu if CUDA is there; its
-    model: ``model``, else ``$QLORA_KIT_MODEL``, else ``"smollm2"`` (the real model)."""
+    model: ``model``, else ``$QLORA_KIT_MODEL``, else ``"smollm2"`` (the real model). With
+    ``QLORA_KIT_T4_EMULATION=1`` a CPU profile comes back with a T4's numerics (:func:`t4_emulation`):
+    run a notebook that way to see on a laptop what fp16 does to it on Colab."""
     cuda = torch.cuda.is_available()
+    emulate = os.environ.get(T4_EMULATION_ENV, "0")
+    if emulate not in ("0", "1"):
+        raise ValueError(f"{T4_EMULATION_ENV}={emulate!r}: use 1 (a T4's fp16 numerics on the CPU) or 0 (off)")
     name = name or os.environ.get(PROFILE_ENV) or ("gpu" if cuda else "offline")
     if name not in PROFILES:
         raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; use one of {PROFILES}")
@@ -145,8 +151,9 @@ def get_profile(name: str | None = None, model: str | None = None) -> Profile:
     # Colab. The QLoRA paper's OASST1 subset (Guanaco) has no exact answer to check, needs the hub,
     # and a 135M model trained on it for minutes shows nothing measurable, so the kit does not use it.
     data_src = str(root / "data")
-    return Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
-                   model_src, data_src, model)
+    profile = Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
+                      model_src, data_src, model)
+    return t4_emulation(profile) if emulate == "1" and device == "cpu" else profile
 
 
 def t4_emulation(profile: Profile) -> Profile:
@@ -232,7 +239,8 @@ def load_tokenizer(profile: Profile | None = None):
     return tok
 
 
-def load_model(profile: Profile | None = None, quantized: bool = True, double_quant: bool = True):
+def load_model(profile: Profile | None = None, quantized: bool = True, double_quant: bool = True,
+               dtype: torch.dtype | None = None):
     """``AutoModelForCausalLM.from_pretrained`` on the profile's model.
 
     A 4-bit model comes back with bitsandbytes' CPU repack switched off
@@ -244,11 +252,20 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
         quantized: load the linear layers as bitsandbytes NF4 ``Linear4bit`` (QLoRA's frozen
             base); False loads the weights in the profile's compute dtype.
         double_quant: quantize the NF4 block constants again (QLoRA's double quantization).
+        dtype: the non-quantized weights' dtype instead of the compute dtype: ``torch.float32`` where a
+            lesson needs the stored weights themselves, on a T4 too (notebook 01's full fine-tune,
+            notebook 02's weight statistics); rounding them to fp16 would change what is studied.
+
+    Raises:
+        ValueError: ``dtype`` is not a floating-point torch dtype.
     """
     from transformers import AutoModelForCausalLM
     profile = profile or get_profile()
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"load_model(dtype={dtype!r}): use a floating-point torch dtype, e.g. torch.float32, "
+                         f"or leave it out for the profile's compute dtype ({profile.compute_dtype})")
     _ensure_local(profile)
-    kw = {"dtype": profile.compute_dtype}
+    kw = {"dtype": dtype or profile.compute_dtype}
     if quantized:
         kw["quantization_config"] = profile.bnb_config(double_quant=double_quant)
     if profile.device == "cuda":

