@@ -11,7 +11,7 @@ export QLORA_KIT_PROFILE ?= offline
 export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
 export PYTHONHASHSEED := 0
 
-.PHONY: course course-t4 test lab notebooks notebook venv assets browser-deps clean
+.PHONY: course course-t4 course-bf16 colab test lab notebooks notebook venv assets browser-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ course: assets
 course-t4: assets
 	$(PY) -m qlora_helpers.course --t4
 
+## The same with a bf16 GPU's numerics (A100, L4, H100): bf16 weights and compute on this CPU
+## (build/bf16/results.json). bf16 matrix products are slow on most CPUs: longer than `make course`.
+course-bf16: assets
+	$(PY) -m qlora_helpers.course --bf16
+
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are.
 test: assets browser-deps
@@ -50,6 +55,13 @@ browser-deps:
 		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || \
 		echo "could not install chromium; the browser test will be skipped"; \
 	else echo "chromium/chromedriver missing (Debian: sudo apt-get install chromium chromium-driver); the browser test will be skipped"; fi
+
+## The Colab route (README, "Colab"): the kit as a wheel, dist/qlora_helpers-<version>-py3-none-any.whl, which
+## every notebook's first cell installs in Colab. With REPO=https://github.com/<you>/<fork> (BRANCH=main by
+## default), also cells that install from that fork and an "Open in Colab" link per notebook (notebooks and
+## README); REPO=none goes back to the wheel route; without REPO the notebooks keep the address they hold.
+colab: $(STAMP)
+	$(PY) -m qlora_helpers.colab $(if $(REPO),--repo $(REPO)) $(if $(BRANCH),--branch $(BRANCH))
 
 ## JupyterLab on the notebooks. The kit's notebooks are trusted first (jupyter trust), or JupyterLab shows
 ## their saved widgets as Python text until each cell runs. As root (containers, some cloud machines)

@@ -1,13 +1,11 @@
 """Helpers for the QLoRA course kit: one module per idea, each paired with its notebook.
 
 runtime (profiles, dtype, loading), offline (the tiny base model and task), figures, summary,
-notebook_setup (the Colab cell); lora, nf4, double_quant, memory, sft, merge as the notebooks
-that teach them land.
+notebook_setup (the Colab cell) and colab (the Colab route); lora, nf4, double_quant, memory, sft,
+merge as the notebooks that teach them land. The kit has no repository address of its own: the
+Colab route installs it from a wheel, or from a fork's address given once (``make colab REPO=...``).
 """
-# The one place the repository address lives. Every notebook's Colab setup cell is generated
-# from it (python -m qlora_helpers.notebook_setup); tests/test_notebooks.py checks they agree.
-REPO_URL = "https://github.com/qlora-course-kit/qlora-course-kit"
-
+# The wheel's name carries it (qlora_helpers.notebook_setup.WHEEL_NAME); tests check pyproject.toml agrees.
 __version__ = "0.1.0"
 
 

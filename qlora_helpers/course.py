@@ -4,8 +4,9 @@
 ``python -m qlora_helpers.course --inplace``  writes the outputs back into the notebooks
 ``python -m qlora_helpers.course NB.ipynb``   only those notebooks
 ``python -m qlora_helpers.course --t4``       every notebook with a T4's numerics on the CPU
-                                              (fp16, ``QLORA_KIT_T4_EMULATION=1``): runs each to the end
+                                              (fp16, ``QLORA_KIT_GPU_EMULATION=t4``): runs each to the end
                                               and says which passed, or each one's first error
+``python -m qlora_helpers.course --bf16``     the same with a bf16 GPU's numerics (A100, L4, H100)
 
 Each notebook runs in its own kernel with ``notebooks/`` as working directory, so figures land
 in ``figures/``. Claims recorded with :func:`qlora_helpers.summary.record` are gathered into
@@ -50,10 +51,11 @@ def first_error(nb) -> dict | None:
     return None
 
 
-def run_t4(paths: list[Path], out_dir: Path, timeout: int = 1800) -> list[dict]:
-    """Execute ``paths`` with a T4's numerics on the CPU (:func:`qlora_helpers.runtime.t4_emulation`
-    through ``QLORA_KIT_T4_EMULATION=1``), each to its last cell whatever fails, into ``out_dir``
-    (executed notebooks, figures, a cache of its own so that no fp16 adapter replaces the course's;
+def run_emulated(paths: list[Path], out_dir: Path, gpu: str = "t4", timeout: int = 1800) -> list[dict]:
+    """Execute ``paths`` with a GPU's numerics on the CPU (:func:`qlora_helpers.runtime.emulate_gpu`
+    through ``QLORA_KIT_GPU_EMULATION=<gpu>``: ``t4`` fp16, ``bf16`` an A100's or L4's), each to its last
+    cell whatever fails, into ``out_dir``
+    (executed notebooks, figures, a cache of its own so that no 16-bit adapter replaces the course's;
     the converted real model is linked, not converted again). Returns one row per notebook:
     ``passed`` or its first error, and the seconds it took; also written to ``out_dir/results.json``."""
     import json
@@ -63,19 +65,21 @@ def run_t4(paths: list[Path], out_dir: Path, timeout: int = 1800) -> list[dict]:
 
     from .offline import cache_root
     from .real_model import MODEL_DIR_NAME
-    from .runtime import T4_EMULATION_ENV
+    from .runtime import EMULATED_GPUS, GPU_EMULATION_ENV
+    if gpu not in EMULATED_GPUS:
+        raise ValueError(f"run_emulated(..., gpu={gpu!r}): use one of {', '.join(EMULATED_GPUS)}")
     main_cache, cache = cache_root(), out_dir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_DIR_NAME, "wheels"):   # fixed bytes, SHA-256 checked wherever they are read
         if (main_cache / name).exists() and not (cache / name).exists():
             (cache / name).symlink_to((main_cache / name).resolve(), target_is_directory=True)
-    env = {T4_EMULATION_ENV: "1", "QLORA_KIT_CACHE": str(cache), "QLORA_KIT_FIGURES": str(out_dir / "figures")}
+    env = {GPU_EMULATION_ENV: gpu, "QLORA_KIT_CACHE": str(cache), "QLORA_KIT_FIGURES": str(out_dir / "figures")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     rows = []
     try:
         for i, path in enumerate(paths, 1):
-            print(f"[{i}/{len(paths)}] {path.name} with a T4's numerics ...", flush=True)
+            print(f"[{i}/{len(paths)}] {path.name} with {EMULATED_GPUS[gpu][0]}'s numerics ...", flush=True)
             nb = nbformat.read(path, as_version=4)
             t0 = time.perf_counter()
             NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
@@ -113,15 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("notebooks", nargs="*", type=Path)
     ap.add_argument("--inplace", action="store_true", help="write outputs into the notebooks")
-    ap.add_argument("--t4", action="store_true", help="a T4's fp16 numerics on the CPU; results in build/t4/")
+    emulation = ap.add_mutually_exclusive_group()
+    emulation.add_argument("--t4", action="store_true", help="a T4's fp16 numerics on the CPU; results in build/t4/")
+    emulation.add_argument("--bf16", action="store_true",
+                           help="a bf16 GPU's numerics (A100, L4, H100) on the CPU; results in build/bf16/")
     args = ap.parse_args(argv)
     paths = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
     build = ROOT / "build"
     build.mkdir(exist_ok=True)
-    if args.t4:
+    if args.t4 or args.bf16:
+        gpu = "t4" if args.t4 else "bf16"
         if args.inplace:
-            ap.error("--t4 never writes into the notebooks (their committed outputs are the CPU's); drop --inplace")
-        rows = run_t4(paths, build / "t4")
+            ap.error(f"--{gpu} never writes into the notebooks (their committed outputs are the CPU's); drop --inplace")
+        rows = run_emulated(paths, build / gpu, gpu)
         print(f"\n{'notebook':<30}{'result':<8}{'s':>5}  first error")
         for r in rows:
             err = r.get("first_error")

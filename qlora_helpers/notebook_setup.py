@@ -1,20 +1,28 @@
-"""The first code cell of every notebook: installs what Colab lacks (only in Colab), and makes a
-failed check explain itself (everywhere).
+"""The first code cell of every notebook: installs what Colab lacks and the kit itself (only in Colab),
+and makes a failed check explain itself (everywhere).
 
-Generated from one template so that the repository address (``qlora_helpers.REPO_URL``) and the
-pins live in one place. ``python -m qlora_helpers.notebook_setup`` rewrites the cell in every
-notebook under ``notebooks/``; tests check that each notebook's first code cell equals
-:func:`setup_cell_source`.
+Generated from one template so that the pins and the way the kit reaches Colab live in one place.
+The kit reaches a Colab session in one of two ways (README, "Colab"; :mod:`qlora_helpers.colab` prepares
+both with ``make colab``):
 
-Colab keeps its own torch (a CUDA build); the kit's package is installed with ``--no-deps``
-because its pins name the CPU wheel this kit is tested with.
+* **the wheel** (``dist/qlora_helpers-<version>-py3-none-any.whl``), for someone who has only a clone:
+  the cell installs it from the session's folder or from Google Drive, and when it is in neither, shows
+  an upload button and says where the file is;
+* **a repository address** (``make colab REPO=https://github.com/<you>/<fork>``), for an instructor who
+  publishes a fork: the cell installs ``git+<address>@<branch>``.
+
+``python -m qlora_helpers.notebook_setup`` rewrites the cell in every notebook under ``notebooks/``
+keeping the address the notebooks already hold; tests check that each notebook's first code cell equals
+:func:`setup_cell_source` for that address. Colab keeps its own torch (a CUDA build); the kit's package
+is installed with ``--no-deps`` because its pins name the CPU wheel this kit is tested with.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
-from . import REPO_URL
+from . import __version__
 
 # The libraries Colab lacks or has at another version; never torch. tokenizers and safetensors
 # write the real model's converted files, whose SHA-256 the kit checks (qlora_helpers.real_model).
@@ -25,33 +33,82 @@ COLAB_PINS = ["transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2",
 # scientific stack); tests/test_environment.py checks that every import is here or in COLAB_PINS.
 COLAB_PREINSTALLED = ["torch", "numpy", "pandas", "matplotlib", "ipywidgets", "ipython", "huggingface-hub",
                       "packaging", "pyyaml", "tqdm"]
+# The kit as a file: the name pip gives the wheel of this version (``make colab`` builds it into dist/).
+WHEEL_NAME = f"qlora_helpers-{__version__}-py3-none-any.whl"
+# Where the cell looks for the wheel in Google Drive once it is mounted (Files pane > Mount Drive).
+DRIVE_DIR = "/content/drive/MyDrive"
+DRIVE_ENV = "QLORA_KIT_DRIVE"   # another Drive folder (tests point it at a temporary one)
+# The line of the cell that holds the repository address (None: the wheel route).
+_REPO_LINE = re.compile(r'^KIT_REPO = (None|"(?P<repo>[^"@]+)@(?P<branch>[^"]+)")', re.M)
 
 
-def setup_cell_source() -> str:
-    """The cell: in Colab, install the pins and the kit, then check that what the notebooks import is
-    there at the pinned versions, and say what to do when it is not; elsewhere nothing."""
+def setup_cell_source(repo: str | None = None, branch: str = "main") -> str:
+    """The cell. In Colab: install the pins, then the kit (from ``repo`` at ``branch`` when given, else
+    the wheel: the session's folder, Google Drive, or an upload button), then check that what the
+    notebooks import is there at the pinned versions and say what to do when it is not. Elsewhere only
+    :func:`explain_failed_checks`. ``repo`` must be a GitHub address (:func:`qlora_helpers.colab.parse_repo`
+    checks it before a notebook is written)."""
     pins = " ".join(COLAB_PINS)
+    kit_repo = f'"{repo}@{branch}"' if repo else "None"
     return (
-        "# In Colab: install what Colab lacks (never torch), then check it. Everywhere: a failed check says what to do.\n"
+        "# @title Set-up: in Colab, installs the kit and what Colab lacks (run this cell first)\n"
+        "# Everywhere: a failed check below says what it means and what to do.\n"
         "import sys\n"
+        f"KIT_WHEEL = \"{WHEEL_NAME}\"   # `make colab` builds it into dist/ (README, \"Colab\")\n"
+        f"KIT_REPO = {kit_repo}   # or a fork's \"https://github.com/<you>/<fork>@main\" (`make colab REPO=...` writes it)\n"
         "if \"google.colab\" in sys.modules:\n"
         f"    get_ipython().run_line_magic(\"pip\", \"install -q {pins}\")\n"
-        f"    get_ipython().run_line_magic(\"pip\", \"install -q --no-deps git+{REPO_URL}\")\n"
+        "    import importlib, os, re\n"
+        "    try:\n"
+        "        import qlora_helpers   # installed earlier in this session\n"
+        "        source = \"this session\"\n"
+        "    except ModuleNotFoundError:\n"
+        f"        drive = os.environ.get(\"{DRIVE_ENV}\", \"{DRIVE_DIR}\")\n"
+        "        found = [p for p in (KIT_WHEEL, f\"{drive}/{KIT_WHEEL}\", f\"{drive}/qlora-kit/{KIT_WHEEL}\") if os.path.exists(p)]\n"
+        "        source = f\"git+{KIT_REPO}\" if KIT_REPO else (found[0] if found else None)\n"
+        "        if source is None:\n"
+        "            from google.colab import files\n"
+        "            print(f\"Choose the kit's wheel, {KIT_WHEEL} (on your machine: `make colab` puts it in dist/). Or cancel, \"\n"
+        "                  f\"put it in Google Drive's My Drive, mount Drive (Files pane), and run this cell again.\")\n"
+        "            uploaded = files.upload()\n"
+        "            name = next(iter(uploaded), None)\n"
+        "            if name is None or re.sub(r\" \\(\\d+\\)(?=\\.whl$)\", \"\", name) != KIT_WHEEL:   # Colab adds \" (1)\" to a repeat\n"
+        "                raise RuntimeError(f\"This notebook needs {KIT_WHEEL}, got {name or 'nothing'}. Run `make colab` in the \"\n"
+        "                                   f\"same checkout as this notebook and choose dist/{KIT_WHEEL}.\")\n"
+        "            with open(KIT_WHEEL, \"wb\") as f:\n"
+        "                f.write(uploaded[name])\n"
+        "            source = KIT_WHEEL\n"
+        "        get_ipython().run_line_magic(\"pip\", f\"install -q --no-deps {source}\")\n"
+        "        importlib.invalidate_caches()\n"
         "    try:\n"
         "        from qlora_helpers.notebook_setup import check_colab_install\n"
         "    except ModuleNotFoundError:\n"
-        f"        raise RuntimeError(\"The kit's package did not install from {REPO_URL} (pip's message is above). \"\n"
-        "                           \"Check that the address is right and reachable, or upload the kit's folder and run \"\n"
-        "                           \"%pip install -q --no-deps -e <folder>\") from None\n"
-        "    check_colab_install()\n"
+        "        raise RuntimeError(f\"The kit did not install from {source} (pip's message is above). A repository \"\n"
+        "                           f\"address must be public and hold the kit; or set KIT_REPO = None and use the wheel.\") from None\n"
+        "    check_colab_install(KIT_WHEEL)\n"
         "from qlora_helpers.notebook_setup import explain_failed_checks\n"
         "explain_failed_checks()   # a failed assert below prints what it means and what to do"
     )
 
 
-def check_colab_install(pins: list[str] | None = None) -> list[str]:
-    """After the setup cell's installs: every pinned library at its pinned version, and a GPU.
-    Returns the problems found (empty when all is well) after printing what to do about each.
+def repo_in_cell(source: str) -> tuple[str | None, str]:
+    """The repository address and branch a setup cell installs from: ``(None, "main")`` for the wheel route.
+
+    >>> repo_in_cell(setup_cell_source("https://github.com/ada/qlora-kit", "workshop"))
+    ('https://github.com/ada/qlora-kit', 'workshop')
+    >>> repo_in_cell(setup_cell_source())
+    (None, 'main')
+    """
+    m = _REPO_LINE.search(source)
+    if m is None:
+        raise ValueError("not a setup cell of the kit (no KIT_REPO line): run python -m qlora_helpers.notebook_setup")
+    return (m["repo"], m["branch"]) if m["repo"] else (None, "main")
+
+
+def check_colab_install(wheel: str | None = None, pins: list[str] | None = None) -> list[str]:
+    """After the setup cell's installs: the kit at the version of the notebook's ``wheel``, every pinned
+    library at its pinned version, and a GPU. Returns the problems found (empty when all is well) after
+    printing what to do about each.
 
     A library imported before its upgrade keeps its old version in memory until the runtime
     restarts, the most common Colab trap; a missing GPU is not an error (the notebooks run on the
@@ -61,6 +118,10 @@ def check_colab_install(pins: list[str] | None = None) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
     modules = {"mlflow-skinny": "mlflow"}          # distribution name -> the module a notebook imports
     problems = []
+    if wheel is not None and wheel != WHEEL_NAME:
+        problems.append(f"this notebook was written for {wheel}, but the kit installed in this session is "
+                        f"{WHEEL_NAME}: Runtime > Disconnect and delete runtime, then run the notebook again and "
+                        f"give it {wheel} (made by `make colab` in the checkout the notebook came from)")
     for pin in pins or COLAB_PINS:
         name, want = pin.split("==")
         try:
@@ -88,8 +149,10 @@ def check_colab_install(pins: list[str] | None = None) -> list[str]:
     return problems
 
 
-def sync(notebook_dir: Path) -> list[Path]:
-    """Rewrite the first code cell of each notebook; return the notebooks that changed."""
+def sync(notebook_dir: Path, repo: str | None = None, branch: str = "main", keep_repo: bool = False) -> list[Path]:
+    """Rewrite the first code cell of each notebook for ``repo`` at ``branch`` (None: the wheel route), or
+    with ``keep_repo`` for the address each already holds; return the notebooks that changed. The cell is
+    shown in Colab as a form (its title, code folded)."""
     import nbformat
     changed = []
     for path in sorted(notebook_dir.glob("*.ipynb")):
@@ -97,8 +160,13 @@ def sync(notebook_dir: Path) -> list[Path]:
         cell = next((c for c in nb.cells if c.cell_type == "code"), None)
         if cell is None:
             raise ValueError(f"{path} has no code cell; its first code cell must be the setup cell")
-        if cell.source != setup_cell_source():
-            cell.source = setup_cell_source()
+        want_repo, want_branch = repo, branch
+        if keep_repo and "KIT_REPO = " in cell.source:
+            want_repo, want_branch = repo_in_cell(cell.source)
+        source = setup_cell_source(want_repo, want_branch)
+        if cell.source != source or cell.metadata.get("cellView") != "form":
+            cell.source = source
+            cell.metadata["cellView"] = "form"     # Colab: show the title, fold the code
             nbformat.write(nb, path)
             changed.append(path)
     return changed
@@ -106,7 +174,7 @@ def sync(notebook_dir: Path) -> list[Path]:
 
 if __name__ == "__main__":
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("notebooks")
-    for p in sync(root):
+    for p in sync(root, keep_repo=True):
         print("updated", p)
 
 

@@ -48,7 +48,11 @@ MODEL_ENV = "QLORA_KIT_MODEL"
 THREADS_ENV = "QLORA_KIT_THREADS"
 BIG_MODELS_ENV = "QLORA_KIT_BIG_MODELS"   # opt-in GPU cells of notebook 03: comma-separated HUB_MODELS names
 CAPSTONE_ENV = "QLORA_KIT_CAPSTONE"       # opt-in GPU capstone of notebook 04: one HUB_MODELS name
-T4_EMULATION_ENV = "QLORA_KIT_T4_EMULATION"  # "1": every CPU profile gets a T4's numerics (t4_emulation)
+GPU_EMULATION_ENV = "QLORA_KIT_GPU_EMULATION"  # "t4" | "bf16": every CPU profile gets that GPU's numerics
+# The GPUs the CPU can stand in for (emulate_gpu): the name the doctor prints and the compute capability
+# that decides the dtype. A T4 (7.5) computes in fp16, an Ampere or newer GPU (8.0+) in bf16.
+EMULATED_GPUS = {"t4": ("T4 (emulated on the CPU)", (7, 5)),
+                 "bf16": ("bf16 GPU, e.g. A100 or L4 (emulated on the CPU)", (8, 0))}
 PROFILES = ("offline", "gpu")
 HUB_MODELS = {   # opt-in bigger models: the kit's name -> the hub id (each needs the gpu profile)
     "smollm2-hub": "HuggingFaceTB/SmolLM2-135M-Instruct",   # the same model, its original bf16 weights
@@ -113,12 +117,14 @@ class Profile:
 def get_profile(name: str | None = None, model: str | None = None) -> Profile:
     """The active profile: ``name``, else ``$QLORA_KIT_PROFILE``, else gpu if CUDA is there; its
     model: ``model``, else ``$QLORA_KIT_MODEL``, else ``"smollm2"`` (the real model). With
-    ``QLORA_KIT_T4_EMULATION=1`` a CPU profile comes back with a T4's numerics (:func:`t4_emulation`):
-    run a notebook that way to see on a laptop what fp16 does to it on Colab."""
+    ``QLORA_KIT_GPU_EMULATION=t4`` (or ``bf16``) a CPU profile comes back with that GPU's numerics
+    (:func:`emulate_gpu`): run a notebook that way to see on a laptop what fp16 does to it on Colab's T4,
+    or bf16 on an A100 or L4."""
     cuda = torch.cuda.is_available()
-    emulate = os.environ.get(T4_EMULATION_ENV, "0")
-    if emulate not in ("0", "1"):
-        raise ValueError(f"{T4_EMULATION_ENV}={emulate!r}: use 1 (a T4's fp16 numerics on the CPU) or 0 (off)")
+    emulate = os.environ.get(GPU_EMULATION_ENV, "") or "off"
+    if emulate not in ("off", *EMULATED_GPUS):
+        raise ValueError(f"{GPU_EMULATION_ENV}={emulate!r}: use t4 (a T4's fp16 numerics on the CPU), bf16 "
+                         f"(a bf16 GPU's), or off (unset)")
     name = name or os.environ.get(PROFILE_ENV) or ("gpu" if cuda else "offline")
     if name not in PROFILES:
         raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; use one of {PROFILES}")
@@ -153,21 +159,26 @@ def get_profile(name: str | None = None, model: str | None = None) -> Profile:
     data_src = str(root / "data")
     profile = Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
                       model_src, data_src, model)
-    return t4_emulation(profile) if emulate == "1" and device == "cpu" else profile
+    return emulate_gpu(profile, emulate) if emulate != "off" and device == "cpu" else profile
 
 
-def t4_emulation(profile: Profile) -> Profile:
-    """``profile`` with a T4's numerics, on the CPU: compute dtype fp16 (a T4 has no native bf16), so
-    ``load_model`` gives fp16 non-quantized weights, norms and embeddings and fp16 4-bit compute, as on
-    Colab. What CI cannot have (CUDA, paged optimizers, fp16 autocast in ``Trainer``) stays the CPU's;
-    what breaks on fp16 numbers (adapters in fp16, fp32 tolerances on fp16 logits) breaks here too.
-    ``tests/test_t4_emulation.py`` runs each notebook's key code path under it.
+def emulate_gpu(profile: Profile, gpu: str = "t4") -> Profile:
+    """``profile`` with a GPU's numerics, on the CPU. ``gpu="t4"``: compute dtype fp16 (a T4 has no native
+    bf16); ``gpu="bf16"``: bf16, as on an A100, L4 or H100. ``load_model`` then gives 16-bit non-quantized
+    weights, norms and embeddings and 16-bit 4-bit compute, as on that GPU. What CI cannot have (CUDA,
+    paged optimizers, autocast in ``Trainer``) stays the CPU's; what breaks on 16-bit numbers (adapters in
+    fp16, fp32 tolerances on 16-bit logits) breaks here too. ``tests/test_gpu_emulation.py`` runs each
+    notebook's key code path under both.
 
-    >>> t4_emulation(get_profile("offline", model="tiny")).compute_dtype
-    torch.float16
+    >>> tiny = get_profile("offline", model="tiny")
+    >>> emulate_gpu(tiny, "t4").compute_dtype, emulate_gpu(tiny, "bf16").compute_dtype
+    (torch.float16, torch.bfloat16)
     """
-    return replace(profile, name="gpu", gpu_name="T4 (emulated on the CPU)", compute_capability=(7, 5),
-                   compute_dtype=compute_dtype_for("cuda", (7, 5)))
+    if gpu not in EMULATED_GPUS:
+        raise ValueError(f"emulate_gpu(..., gpu={gpu!r}): use one of {', '.join(EMULATED_GPUS)}")
+    name, cap = EMULATED_GPUS[gpu]
+    return replace(profile, name="gpu", gpu_name=name, compute_capability=cap,
+                   compute_dtype=compute_dtype_for("cuda", cap))
 
 
 def opt_in_models(env: str = BIG_MODELS_ENV) -> list[str]:

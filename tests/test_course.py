@@ -1,4 +1,6 @@
 """The course runner's summary collects what the notebooks recorded."""
+import pytest
+
 from qlora_helpers import summary
 from qlora_helpers.course import format_summary
 
@@ -17,27 +19,28 @@ def test_record_writes_only_when_asked(tmp_path, monkeypatch):
     assert "merged == adapter" in text and "0.1235" in text and text.index("01_lora") < text.index("NF4 error")
 
 
-def test_the_t4_run_reaches_every_cell_and_names_the_first_error(tmp_path, monkeypatch):
-    """``course --t4``: each notebook runs in a kernel that sees QLORA_KIT_T4_EMULATION=1 (so its profile
-    computes in fp16), to its last cell whatever fails; the row names the first failing cell and its
-    error; the caller's environment is left as it was."""
+@pytest.mark.parametrize("gpu,dtype,capability", [("t4", "torch.float16", (7, 5)), ("bf16", "torch.bfloat16", (8, 0))])
+def test_the_emulated_run_reaches_every_cell_and_names_the_first_error(tmp_path, monkeypatch, gpu, dtype, capability):
+    """``course --t4`` / ``--bf16``: each notebook runs in a kernel that sees QLORA_KIT_GPU_EMULATION (so its
+    profile computes in fp16 or bf16), to its last cell whatever fails; the row names the first failing cell
+    and its error; the caller's environment is left as it was."""
     import json
     import os
 
     import nbformat
-    from qlora_helpers.course import run_t4
-    monkeypatch.delenv("QLORA_KIT_T4_EMULATION", raising=False)
+    from qlora_helpers.course import run_emulated
+    monkeypatch.delenv("QLORA_KIT_GPU_EMULATION", raising=False)
     cells = ["from qlora_helpers.runtime import get_profile\nprofile = get_profile('offline', model='tiny')",
              "# the first check\nassert str(profile.compute_dtype) == 'torch.float32', profile.compute_dtype",
              "reached = open('reached.txt', 'w').write('yes')"]
     bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    good = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cells[0] + "\nassert profile.compute_capability == (7, 5)")])
+    good = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cells[0] + f"\nassert profile.compute_capability == {capability}")])
     for name, nb in (("01_bad.ipynb", bad), ("02_good.ipynb", good)):
         nbformat.write(nb, tmp_path / name)
-    rows = run_t4([tmp_path / "01_bad.ipynb", tmp_path / "02_good.ipynb"], tmp_path / "t4", timeout=120)
+    rows = run_emulated([tmp_path / "01_bad.ipynb", tmp_path / "02_good.ipynb"], tmp_path / gpu, gpu, timeout=120)
     assert [r["result"] for r in rows] == ["failed", "passed"]
     err = rows[0]["first_error"]
-    assert err["cell"] == 1 and err["error"] == "AssertionError: torch.float16" and err["first_line"].startswith("assert")
+    assert err["cell"] == 1 and err["error"] == f"AssertionError: {dtype}" and err["first_line"].startswith("assert")
     assert (tmp_path / "reached.txt").read_text() == "yes"          # the cells after the failure ran
-    assert json.loads((tmp_path / "t4" / "results.json").read_text()) == rows
-    assert "QLORA_KIT_T4_EMULATION" not in os.environ
+    assert json.loads((tmp_path / gpu / "results.json").read_text()) == rows
+    assert "QLORA_KIT_GPU_EMULATION" not in os.environ

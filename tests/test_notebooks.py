@@ -4,8 +4,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qlora_helpers import REPO_URL
-from qlora_helpers.notebook_setup import setup_cell_source
+from qlora_helpers.notebook_setup import repo_in_cell, setup_cell_source
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -19,8 +18,8 @@ def test_notebook_shape(path):
     nb = nbformat.read(path, as_version=4)
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "title first"
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code[0].source == setup_cell_source(), "run: python -m qlora_helpers.notebook_setup"
-    assert REPO_URL in code[0].source
+    assert code[0].source == setup_cell_source(*repo_in_cell(code[0].source)), "run: python -m qlora_helpers.notebook_setup"
+    assert code[0].metadata.get("cellView") == "form", "Colab shows the setup cell folded (notebook_setup.sync)"
     assert any("doctor(" in c.source and "NBVAL_IGNORE_OUTPUT" in c.source for c in code), "doctor cell"
     assert any(c.source.lstrip().startswith("assert") or "\nassert " in c.source for c in code), "no assert cell"
     assert all(c.get("execution_count") for c in code), "commit the notebook executed (make notebook NB=...)"
@@ -42,30 +41,9 @@ def test_what_a_learner_sees_first_is_clean(path):
                     f"code cell {i} ends in a bare value {text!r}: end it with a statement or print()"
 
 
-def _run_setup_cell(monkeypatch, hide_kit=False):
-    """The setup cell as Colab runs it: google.colab imported, %pip recorded instead of run."""
-    import sys
-    import types
-    calls = []
-    shell = types.SimpleNamespace(run_line_magic=lambda magic, line: calls.append((magic, line)))
-    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    if hide_kit:
-        monkeypatch.setitem(sys.modules, "qlora_helpers.notebook_setup", None)   # import fails, as uninstalled
-    exec(compile(setup_cell_source(), "setup-cell", "exec"), {"get_ipython": lambda: shell})
-    return calls
-
-
-def test_the_setup_cell_installs_and_checks_in_colab(monkeypatch, capsys):
-    calls = _run_setup_cell(monkeypatch)
-    assert [c[0] for c in calls] == ["pip", "pip"] and REPO_URL in calls[1][1]
-    assert "the kit and its pinned libraries are installed" in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match=f"did not install from {REPO_URL}.*pip install -q --no-deps -e"):
-        _run_setup_cell(monkeypatch, hide_kit=True)
-
-
 def test_the_install_check_names_the_library_and_the_fix(capsys):
     from qlora_helpers.notebook_setup import check_colab_install
-    problems = check_colab_install(["transformers==0.0.1", "no-such-library-xyz==1.0"])
+    problems = check_colab_install(pins=["transformers==0.0.1", "no-such-library-xyz==1.0"])
     assert len(problems) == 2
     assert "transformers 5.23.0 is installed, the kit is tested with 0.0.1" in problems[0] and "Restart" in problems[0]
     assert "no-such-library-xyz is not installed" in problems[1]

@@ -1,17 +1,19 @@
-"""The gpu profile's numerics on the CPU (``runtime.t4_emulation``: fp16 compute, fp16 non-quantized
-weights): each notebook's key code path, so that a dtype mistake fails in CI, not in a learner's Colab.
+"""The gpu profile's numerics on the CPU (``runtime.emulate_gpu``: a T4's fp16 or a bf16 GPU's compute and
+non-quantized weights): each notebook's key code path, so that a dtype mistake fails in CI, not in a learner's Colab.
 Each test names the failure it guards against; each was seen failing without its fix."""
 import math
 
 import pytest
 import torch
 
-from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer, t4_emulation
+from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer, emulate_gpu
 
 
-@pytest.fixture(scope="module")
-def t4(offline_profile):
-    return t4_emulation(offline_profile)
+@pytest.fixture(scope="module", params=["t4", "bf16"])
+def t4(offline_profile, request):
+    """The profile with a GPU's numerics: a T4's fp16, then a bf16 GPU's (the fixture keeps the name of the
+    first GPU it was written for; every test runs under both)."""
+    return emulate_gpu(offline_profile, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,9 @@ def batches(t4):
 
 def test_the_emulated_t4_loads_fp16_weights(t4):
     model = load_model(t4, quantized=False)
-    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert {p.dtype for p in model.parameters()} == {t4.compute_dtype}
     q = load_model(t4)
-    assert q.model.layers[0].self_attn.q_proj.compute_dtype == torch.float16
+    assert q.model.layers[0].self_attn.q_proj.compute_dtype == t4.compute_dtype
 
 
 def test_01_lora_on_an_fp16_base_trains_in_fp32(t4, batches):
@@ -48,7 +50,7 @@ def test_01_lora_on_an_fp16_base_trains_in_fp32(t4, batches):
     d = layer.get_delta_weight().detach()
     layer.merge(); layer.unmerge()
     err = (layer.base_layer.weight.float() - w0.float()).abs()
-    eps = torch.finfo(torch.float16).eps
+    eps = torch.finfo(t4.compute_dtype).eps
     assert torch.all(err <= 2 * eps * (w0.float().abs() + d.abs()) + 2 ** -24), err.max()
 
 
@@ -94,7 +96,7 @@ def test_05_fp16_logits_against_fp32_need_the_fp16_tolerance(t4, offline_profile
     half, _ = logits_and_mask(load_model(t4, quantized=False), tok, texts)
     gap = logit_gap(ref, half.float(), mask)
     assert gap["max_abs_logit_diff"] > 1e-3                                   # the fp32 bound fails
-    assert gap["max_abs_logit_diff"] < logit_tolerance(torch.float16, ref[mask.bool()].abs().max().item())
+    assert gap["max_abs_logit_diff"] < logit_tolerance(t4.compute_dtype, ref[mask.bool()].abs().max().item())
 
 
 def test_05_merge_of_an_fp16_4bit_model_keeps_its_function(t4):
@@ -116,7 +118,7 @@ def test_05_merge_of_an_fp16_4bit_model_keeps_its_function(t4):
     got, _ = logits_and_mask(merged, tok, texts)
     gap = (got - ref)[mask].abs().max().item()
     base, _ = logits_and_mask(load_model(t4, quantized=False), tok, texts)
-    assert gap < logit_tolerance(torch.float16, ref[mask].abs().max().item()), gap
+    assert gap < logit_tolerance(t4.compute_dtype, ref[mask].abs().max().item()), gap
     assert (base - ref)[mask].abs().max().item() > 10 * gap      # the update is there, and merged
 
 
@@ -129,17 +131,19 @@ def test_06_loftq_on_fp16_weights(t4):
     assert all(math.isfinite(v) for v in err.values()) and err["loftq"] < err["plain"], err
 
 
-def test_the_switch_gives_every_cpu_profile_a_t4s_numerics(monkeypatch):
-    """QLORA_KIT_T4_EMULATION=1 (how a whole notebook runs with fp16 numerics on the CPU); a value other
-    than 0 or 1 is named with the choices."""
-    from qlora_helpers.runtime import T4_EMULATION_ENV, get_profile
-    monkeypatch.setenv(T4_EMULATION_ENV, "1")
-    emulated = get_profile("offline", model="tiny")
-    assert (emulated.device, emulated.compute_dtype, emulated.compute_capability) == ("cpu", torch.float16, (7, 5))
-    monkeypatch.setenv(T4_EMULATION_ENV, "0")
-    assert get_profile("offline", model="tiny").compute_dtype == torch.float32
-    monkeypatch.setenv(T4_EMULATION_ENV, "yes")
-    with pytest.raises(ValueError, match="QLORA_KIT_T4_EMULATION='yes'.*use 1"):
+def test_the_switch_gives_every_cpu_profile_a_gpus_numerics(monkeypatch):
+    """QLORA_KIT_GPU_EMULATION=t4|bf16 (how a whole notebook runs with 16-bit numerics on the CPU); another
+    value is named with the choices."""
+    from qlora_helpers.runtime import GPU_EMULATION_ENV, get_profile
+    for gpu, dtype, cap in (("t4", torch.float16, (7, 5)), ("bf16", torch.bfloat16, (8, 0))):
+        monkeypatch.setenv(GPU_EMULATION_ENV, gpu)
+        emulated = get_profile("offline", model="tiny")
+        assert (emulated.device, emulated.compute_dtype, emulated.compute_capability) == ("cpu", dtype, cap)
+    for off in ("", "off"):
+        monkeypatch.setenv(GPU_EMULATION_ENV, off)
+        assert get_profile("offline", model="tiny").compute_dtype == torch.float32
+    monkeypatch.setenv(GPU_EMULATION_ENV, "1")
+    with pytest.raises(ValueError, match="QLORA_KIT_GPU_EMULATION='1'.*use t4.*bf16"):
         get_profile("offline", model="tiny")
 
 
@@ -183,10 +187,10 @@ def test_05_the_kits_dequantization_is_bitsandbytes_on_fp16_states(t4):
     from qlora_helpers import merge as M
     model = load_model(t4)
     layers = M.linear4bit_modules(model)
-    assert layers and {M.standard_layout(m)[1].dtype for m in layers.values()} == {torch.float16}
+    assert layers and {M.standard_layout(m)[1].dtype for m in layers.values()} == {t4.compute_dtype}
     for name, m in layers.items():
         assert torch.equal(M.kit_dequantize_weight(m), M.dequantize_weight(m)), name
     assert M.simulate_cpu_repack(model) == len(layers)          # what an evaluation does on an AVX512-BF16 CPU
-    assert M.standard_layout(next(iter(layers.values())))[1].state2.dtype == torch.float16
+    assert M.standard_layout(next(iter(layers.values())))[1].state2.dtype == t4.compute_dtype
     for name, m in layers.items():
         assert torch.equal(M.kit_dequantize_weight(m), M.dequantize_weight(m)), name
