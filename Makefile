@@ -11,7 +11,7 @@ export QLORA_KIT_PROFILE ?= offline
 export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
 export PYTHONHASHSEED := 0
 
-.PHONY: course course-t4 course-bf16 colab test lab notebooks notebook venv assets browser-deps clean
+.PHONY: course course-t4 course-bf16 gpu-check colab test lab notebooks notebook venv assets browser-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ course-t4: assets
 ## (build/bf16/results.json). bf16 matrix products are slow on most CPUs: longer than `make course`.
 course-bf16: assets
 	$(PY) -m qlora_helpers.course --bf16
+
+## Does this GPU run the kit? One table on the tiny model: bitsandbytes' CUDA library, a 4-bit layer, the paged
+## optimizer, devices, NF4 against bitsandbytes, packing, 30 Trainer steps and a bit-exact resume, peak memory
+## against the planner; exit status 1 if a row FAILs. On a CPU the CUDA-only rows say n/a (about 30 s).
+## The Makefile's default profile (offline) is dropped here unless you set one: on a GPU machine it checks the GPU.
+gpu-check: $(STAMP)
+	$(if $(filter file,$(origin QLORA_KIT_PROFILE)),env -u QLORA_KIT_PROFILE) $(PY) -m qlora_helpers.gpu_check
 
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are.

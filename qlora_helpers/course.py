@@ -79,7 +79,7 @@ def run_emulated(paths: list[Path], out_dir: Path, gpu: str = "t4", timeout: int
     rows = []
     try:
         for i, path in enumerate(paths, 1):
-            print(f"[{i}/{len(paths)}] {path.name} with {EMULATED_GPUS[gpu][0]}'s numerics ...", flush=True)
+            print(f"[{i}/{len(paths)}] {path.name} with {GPU_EMULATION_ENV}={gpu} ({EMULATED_GPUS[gpu][0]}) ...", flush=True)
             nb = nbformat.read(path, as_version=4)
             t0 = time.perf_counter()
             NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,

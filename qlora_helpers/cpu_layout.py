@@ -103,9 +103,20 @@ def check_standard_layout(model: nn.Module) -> None:
 def simulate_cpu_repack(model: nn.Module) -> int:
     """Do to every ``Linear4bit`` what its first eval forward does on an AVX512-BF16 CPU: call
     bitsandbytes' own ``_convert_weight_packed_for_cpu`` (needs out_features % 32 == 0).
-    In place. Returns the number of layers repacked. (The forward itself then needs that CPU.)"""
+    In place. Returns the number of layers repacked. (The forward itself then needs that CPU.)
+
+    Raises:
+        ValueError: a layer is not on the CPU. The repack is a CPU kernel's layout; a CUDA model never
+            has it, and bitsandbytes' function would write a layout no CUDA kernel reads. Load a CPU copy
+            (``get_profile("offline")``), as notebook 05 does on a GPU.
+    """
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
     mods = [m for m in linear4bit_modules(model).values() if not is_repacked(m)]
+    elsewhere = sorted({m.weight.device.type for m in mods} - {"cpu"})
+    if elsewhere:
+        raise ValueError(f"simulate_cpu_repack: the model's 4-bit layers are on {', '.join(elsewhere)}, but the repack "
+                         f"is a CPU layout that only CPU kernels write. Load a CPU copy for this lesson: "
+                         f"load_model(get_profile('offline'))")
     for m in mods:
         m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(
             m.weight.data, m.weight.quant_state)

@@ -21,8 +21,15 @@ Note (scaling): PEFT writes ``lora_B = U_r sqrt(S_r)`` into the adapter as is, b
     PEFT's LoftQ is therefore exact only when ``scaling == 1``. Here ``B`` is divided by the
     scaling, so that ``Q + scaling * B @ A`` is LoftQ's approximation for any alpha.
 Note (double quantization): the model stores its NF4 constants in 8 bits (QLoRA's double
-    quantization), so :func:`apply_loftq` quantizes with the double-quantized round trip
-    (:func:`qlora_helpers.double_quant.quantize_nf4_dq`), the one the base layer really applies.
+    quantization), so the Q a 4-bit layer computes with is the double-quantized round trip
+    (:func:`nf4_dq_roundtrip`, the kit's; on the CPU bit for bit what bitsandbytes writes).
+Note (backend): :func:`apply_loftq` quantizes with the layer's own backend (:func:`layer_roundtrip`:
+    bitsandbytes on the layer's device, the layer's settings), so the Q LoftQ fits its SVD to is the Q
+    the layer holds on any device. On the CPU that is the kit's NF4 + double quantization exactly
+    (``tests/test_loftq.py``); bitsandbytes' CUDA kernel finds the nearest 8-bit code of a block constant
+    by a binary search of its own and scales by an approximate ``1/absmax`` (fast math), so a few codes
+    differ from the kit's there, and LoftQ with the kit's round trip would fit its SVD to a Q the layer
+    does not hold.
 """
 from __future__ import annotations
 
@@ -138,14 +145,30 @@ def set_4bit_weight(layer, q_source: torch.Tensor) -> torch.Tensor:
     return bf.dequantize_4bit(packed, state).float()
 
 
+def layer_roundtrip(layer) -> Quantizer:
+    """The round trip a bitsandbytes ``Linear4bit`` applies to a weight: ``quantize_4bit`` then
+    ``dequantize_4bit`` on the layer's device (its backend: the CPU's or CUDA's kernel) with the layer's
+    blocksize, double quantization, quant type and storage. Returns float32 on the layer's device.
+    (Note: backend.)"""
+    import bitsandbytes.functional as bf
+    old = layer.weight
+
+    def roundtrip(w: torch.Tensor) -> torch.Tensor:
+        packed, state = bf.quantize_4bit(w.to(old.device).contiguous(), blocksize=old.blocksize,
+                                         compress_statistics=old.compress_statistics,
+                                         quant_type=old.quant_type, quant_storage=old.quant_storage)
+        return bf.dequantize_4bit(packed, state).float()
+    return roundtrip
+
+
 @torch.no_grad()
 def apply_loftq(peft_model, fp_model, num_iter: int = 1, adapter: str = "default") -> dict[str, dict]:
-    """Replace a fresh QLoRA adapter and its NF4 base by LoftQ's, layer by layer, on the CPU.
+    """Replace a fresh QLoRA adapter and its NF4 base by LoftQ's, layer by layer, on the layer's device.
 
     Call it before any forward pass (the bytes it writes must be the bytes the layer uses). For every LoRA layer: LoftQ on
-    the full-precision ``W`` from ``fp_model``, write ``NF4(W - s B_{T-1} A_{T-1})`` into the
-    ``Linear4bit`` (bitsandbytes quantizes it), and assert that the layer now computes with
-    exactly the Q that LoftQ's last SVD was fitted to.
+    the full-precision ``W`` from ``fp_model``, quantizing with the layer's own backend
+    (:func:`layer_roundtrip`; Note: backend), write ``NF4(W - s B_{T-1} A_{T-1})`` into the ``Linear4bit``,
+    and check that the layer now computes with exactly the Q that LoftQ's last SVD was fitted to.
 
     Returns:
         ``{layer name: loftq_errors(...)}``.
@@ -155,13 +178,15 @@ def apply_loftq(peft_model, fp_model, num_iter: int = 1, adapter: str = "default
     for name, module in peft_model.named_modules():
         if not hasattr(module, "lora_A") or adapter not in module.lora_A:
             continue
-        w, r, s = fp[_fp_name(name)].weight.float(), module.r[adapter], module.scaling[adapter]
-        q, a, b, source = _alternate(w, r, num_iter, nf4_dq_roundtrip)
+        layer = module.get_base_layer()
+        w = fp[_fp_name(name)].weight.float().to(layer.weight.device)
+        r, s = module.r[adapter], module.scaling[adapter]
+        q, a, b, source = _alternate(w, r, num_iter, layer_roundtrip(layer))
         b = b / s  # the layer multiplies B A by s (Note: scaling)
-        stored = set_4bit_weight(module.get_base_layer(), source)
+        stored = set_4bit_weight(layer, source)
         if not torch.equal(stored, q):
-            raise RuntimeError(f"{name}: the 4-bit layer does not hold LoftQ's Q after writing it "
-                               f"(bitsandbytes quantized it differently from the kit's NF4 round trip)")
+            raise RuntimeError(f"{name}: the 4-bit layer does not hold LoftQ's Q after writing it: bitsandbytes "
+                               f"quantized the same matrix twice with different results on {layer.weight.device}")
         module.lora_A[adapter].weight.copy_(a)
         module.lora_B[adapter].weight.copy_(b)
         report[name] = loftq_errors(w, q, a, b, s)

@@ -374,6 +374,83 @@ def bnb_reference_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: 
     return out.reshape(tuple(shape))
 
 
+BOUNDARY_ULPS = 4   # CUDA's approximate 1/absmax and its float-literal constants: ~1-2 ulps each (compare_codes)
+
+
+def explained_by_boundary(scaled: torch.Tensor, codes: torch.Tensor, other: torch.Tensor,
+                          levels: torch.Tensor, ulps: int = BOUNDARY_ULPS) -> torch.Tensor:
+    """Which codes two quantizers may give differently: equal codes, or neighbouring codes where the
+    value sits within ``ulps`` fp32 ulps of the midpoint between their two levels (Note: CUDA
+    boundaries). Anything else is a real disagreement.
+
+    >>> levels = nf4_levels(); mid = midpoints(levels)
+    >>> scaled = torch.tensor([mid[3].item(), levels[10].item(), levels[5].item()])  # a midpoint, two levels
+    >>> explained_by_boundary(scaled, torch.tensor([3, 10, 5]), torch.tensor([4, 11, 5]), levels).tolist()
+    [True, False, True]
+
+    Args:
+        scaled: float32 (n,), each value divided by its block's absmax (exactly, as the kit does).
+        codes, other: int (n,), the two quantizers' codes for those values.
+        levels: (k,) the ascending table both code into (NF4: 16 levels).
+        ulps: how many fp32 ulps of the midpoint count as "at the boundary".
+    Returns:
+        bool (n,): True where the codes agree or the flip sits at the boundary between them.
+    """
+    lo, hi = torch.minimum(codes, other).long(), torch.maximum(codes, other).long()  # (n,)
+    mids = midpoints(levels.float()).to(scaled.device)                               # (k - 1,)
+    mid = mids[lo.clamp(max=mids.numel() - 1)]                                       # (n,) boundary above lo
+    ulp = torch.nextafter(mid.abs(), torch.full_like(mid, float("inf"))) - mid.abs()  # (n,) fp32 spacing there
+    at_boundary = (hi - lo == 1) & ((scaled.float() - mid).abs() <= ulps * ulp)
+    return (codes == other) | at_boundary
+
+
+def compare_codes(w: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                  blocksize: int = DEFAULT_BLOCKSIZE, boundary_ulps: int = BOUNDARY_ULPS) -> dict:
+    """What "equal to bitsandbytes" means on a backend that rounds differently: compare another backend's
+    NF4 of ``w`` (its ``packed`` bytes and ``absmax``) with the kit's, and explain every code that differs.
+
+    On the CPU bitsandbytes gives the kit's bytes exactly. Its CUDA kernel is compiled with fast math: it
+    scales by an approximate ``1/absmax``, so a value that sits on a decision boundary (the midpoint between
+    two levels) can land on the other side. Such a flip is *explained*: the two codes are neighbours and
+    the kit's scaled value lies within ``boundary_ulps`` float32 ulps of their midpoint
+    (:func:`explained_by_boundary`). Anything
+    else (codes two levels apart, a value far from any boundary, a different absmax) is a real difference.
+
+    >>> w = torch.tensor([0.5, nf4_levels()[7:9].mean().item(), 1.0])   # the 2nd value is on a boundary
+    >>> p, a = quantize_nf4(w)
+    >>> flipped = pack_nibbles(unpack_nibbles(p, 3) + torch.tensor([0, 1, 0]))   # the neighbouring code
+    >>> r = compare_codes(w, flipped, a); (r["differ"], r["unexplained"], r["absmax_equal"])
+    (1, 0, True)
+    >>> compare_codes(w, pack_nibbles(unpack_nibbles(p, 3) + torch.tensor([-1, 0, 0])), a)["unexplained"]
+    1
+
+    Args:
+        w: the weights both quantized (any shape, as :func:`quantize_nf4` takes).
+        packed: the other backend's bytes (ceil(n / 2) uint8, any shape, any device).
+        absmax: its float32 absmax (ceil(n / blocksize),).
+        blocksize: the blocksize both used.
+        boundary_ulps: the distance from a midpoint, in float32 ulps at that midpoint, that still explains a flip.
+    Returns:
+        ``{"n", "differ", "unexplained", "absmax_equal", "max_boundary_distance"}``: values, codes that
+        differ, those not explained by a boundary, whether the absmax agree exactly, and the largest
+        distance (in units of the scaled value) of a differing code from its midpoint (0.0 if none).
+    """
+    n = w.numel()
+    flat = w.detach().reshape(-1).float().cpu()
+    kit_packed, kit_absmax = quantize_nf4(flat, blocksize)
+    kit = unpack_nibbles(kit_packed, n)
+    other = unpack_nibbles(packed.detach().reshape(-1).cpu(), n)
+    where = (kit != other).nonzero().flatten()  # (d,)
+    levels = nf4_levels()
+    lo, hi = torch.minimum(kit[where], other[where]), torch.maximum(kit[where], other[where])  # (d,), (d,)
+    scaled = scale_to_unit(flat, kit_absmax, blocksize)[where]  # (d,)
+    distance = (scaled - (levels[lo] + levels[hi]) / 2).abs()  # (d,) from the midpoint of the two levels
+    explained = explained_by_boundary(scaled, kit[where], other[where], levels, boundary_ulps)  # (d,)
+    return {"n": n, "differ": int(where.numel()), "unexplained": int((~explained).sum()),
+            "absmax_equal": torch.equal(kit_absmax, absmax.detach().reshape(-1).float().cpu()),
+            "max_boundary_distance": float(distance.max()) if where.numel() else 0.0}
+
+
 def whose_defect(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> dict:
     """Quantize ``w`` with bitsandbytes, dequantize it three ways, and say who is wrong.
 

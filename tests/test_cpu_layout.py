@@ -100,3 +100,17 @@ def test_real_repack_on_this_cpu_and_the_defence(offline_profile, tok):
     defended = load_model(offline_profile)
     _eval_and_generate(defended, tok)
     assert not any(cpu_layout.is_repacked(m) for m in cpu_layout.linear4bit_modules(defended).values())
+
+
+def test_the_repack_lesson_refuses_a_model_off_the_cpu(offline_profile):
+    """On a GPU, notebook 05's repack lesson used to hand CUDA weights to a CPU-only layout conversion. The
+    function now names the device and the fix before touching anything (a layer moved to PyTorch's meta device
+    stands in for cuda:0)."""
+    model = load_model(offline_profile)
+    layer = next(iter(cpu_layout.linear4bit_modules(model).values()))
+    on_meta = torch.nn.Parameter(torch.empty(layer.weight.shape, dtype=torch.uint8, device="meta"), requires_grad=False)
+    on_meta.quant_state = layer.weight.quant_state
+    layer._parameters["weight"] = on_meta
+    with pytest.raises(ValueError, match="layers are on meta.*CPU layout.*get_profile\\('offline'\\)"):
+        cpu_layout.simulate_cpu_repack(model)
+    assert not any(cpu_layout.is_repacked(m) for m in cpu_layout.linear4bit_modules(model).values())

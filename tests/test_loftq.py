@@ -96,3 +96,39 @@ def test_apply_loftq_on_the_4bit_model(offline_profile):
         + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     w = fp.model.layers[0].self_attn.q_proj.weight
     assert (w - w_eff).norm().item() == pytest.approx(report[next(iter(report))]["loftq"], rel=1e-4)
+
+
+def test_on_the_cpu_the_layers_backend_is_the_kits_nf4_with_double_quant(offline_profile):
+    """LoftQ quantizes with the layer's own backend (loftq.layer_roundtrip); on the CPU that is, bit for bit,
+    the kit's NF4 + double quantization, so the lesson's LoftQ is the kit's NF4 here."""
+    from qlora_helpers.runtime import load_model
+    model = load_model(offline_profile)
+    layer = model.model.layers[0].mlp.up_proj
+    w = load_model(offline_profile, quantized=False).model.layers[0].mlp.up_proj.weight.detach()
+    assert torch.equal(lq.layer_roundtrip(layer)(w), lq.nf4_dq_roundtrip(w))
+
+
+def test_apply_loftq_fits_the_q_the_layers_backend_writes(offline_profile, monkeypatch):
+    """On a GPU bitsandbytes' CUDA kernel gives a few codes other than the kit's round trip, and apply_loftq
+    raised "does not hold LoftQ's Q". Stand in for that kernel: a quantize_4bit that flips one 4-bit code of
+    every matrix. LoftQ must fit its SVD to the Q the layer really holds (it raised before the fix)."""
+    import bitsandbytes.functional as bf
+    from peft import LoraConfig, get_peft_model
+    from qlora_helpers.runtime import load_model
+    original = bf.quantize_4bit
+
+    def other_kernel(*args, **kwargs):
+        packed, state = original(*args, **kwargs)
+        packed = packed.clone()
+        packed.view(-1)[0] ^= 0x01          # one code one level over: another kernel's rounding
+        return packed, state
+    monkeypatch.setattr(bf, "quantize_4bit", other_kernel)
+    fp = load_model(offline_profile, quantized=False)
+    model = get_peft_model(load_model(offline_profile), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+    report = lq.apply_loftq(model, fp, num_iter=2)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    held = bf.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+    w = fp.model.layers[0].self_attn.q_proj.weight.float()
+    assert not torch.equal(lq.layer_roundtrip(layer.base_layer)(w), lq.nf4_dq_roundtrip(w))   # the stand-in differs
+    w_eff = held + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert (w - w_eff).norm().item() == pytest.approx(report[next(iter(report))]["loftq"], rel=1e-5)

@@ -315,3 +315,29 @@ def test_checkers_accept_right_answers_and_reject_wrong_ones(capsys):
     assert ex02.check_uniform_winner("int4")  # evenly spaced levels win on uniform data
     with pytest.raises(AssertionError):
         ex02.check_uniform_winner("nf4")
+
+
+def test_compare_codes_counts_and_explains_another_backends_codes():
+    """What "equal to bitsandbytes" means on CUDA (nf4.compare_codes): on the CPU bitsandbytes' codes are the
+    kit's (0 differ); a flip at a decision boundary (what CUDA's approximate 1/absmax can do) is counted and
+    explained; a flip away from any boundary, or another absmax, is not."""
+    import bitsandbytes.functional as bnbF
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 128, generator=g) * 0.02
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    same = nf4.compare_codes(w, packed, state.absmax)
+    assert (same["n"], same["differ"], same["unexplained"], same["absmax_equal"]) == (w.numel(), 0, 0, True)
+    # put value 10 exactly on the boundary between its code and the next, then flip it as another kernel might
+    codes = nf4.unpack_nibbles(packed, w.numel())
+    k = int(codes[10]) if int(codes[10]) < 15 else 14
+    a0 = state.absmax[0].item()
+    w2 = w.clone().reshape(-1)
+    w2[10] = float(nf4.nf4_levels()[k:k + 2].mean()) * a0
+    p2, s2 = bnbF.quantize_4bit(w2, blocksize=64, quant_type="nf4", compress_statistics=False)
+    c2 = nf4.unpack_nibbles(p2, w2.numel())
+    c2[10] = c2[10] + 1 if c2[10] == k else c2[10] - 1      # the other side of that boundary
+    r = nf4.compare_codes(w2, nf4.pack_nibbles(c2), s2.absmax)
+    assert (r["differ"], r["unexplained"], r["absmax_equal"]) == (1, 0, True) and r["max_boundary_distance"] < 1e-6
+    c2[20] = (c2[20] + 2) % 16                              # two levels over: no rounding does that
+    assert nf4.compare_codes(w2, nf4.pack_nibbles(c2), s2.absmax)["unexplained"] == 1
+    assert not nf4.compare_codes(w, packed, state.absmax * 1.001)["absmax_equal"]
