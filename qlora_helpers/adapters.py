@@ -3,9 +3,11 @@
 What it teaches (notebook ``04_qlora_sft``, saving; ``05_merge_and_export``, loading and checking):
 a QLoRA run's product is a small adapter, saved with PEFT's ``save_pretrained`` as
 ``adapter_model.safetensors`` + ``adapter_config.json``, plus ``kit_base.json`` (what base it was
-trained on). Loading it onto the wrong base fails early and by name (:class:`AdapterMismatchError`:
-the model type, a layer the base lacks, or a shape that does not fit), not deep inside PEFT.
-Trained adapters live in the kit's cache, ``$QLORA_KIT_CACHE/adapters/<name>`` (:func:`adapter_dir`).
+trained on) and, when a recipe made it, ``kit_recipe.json`` (that recipe and its fingerprint). Loading it
+onto the wrong base fails early and by name (:class:`AdapterMismatchError`: the model type, a layer the
+base lacks, or a shape that does not fit), not deep inside PEFT. Trained adapters live in the kit's cache,
+``$QLORA_KIT_CACHE/adapters/<name>`` (:func:`adapter_dir`); a cached one is reused only for the recipe that
+trained it (:func:`recipe_fingerprint`, :func:`qlora_helpers.merge.task_adapter`).
 
 Production code it is checked against: peft 0.21.2 ``PeftModel.save_pretrained`` /
 ``from_pretrained``.
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-ADAPTER_NAME = "date-r16-all-linear"  # the kit's task adapter, saved under $QLORA_KIT_CACHE/adapters
+ADAPTER_NAME = "date-task"  # the kit's task adapters: $QLORA_KIT_CACHE/adapters/date-task-<recipe fingerprint>
 
 
 # Notebook 04 saves the adapter it trained under this name; notebook 05 merges it.
@@ -41,6 +43,7 @@ def adapter_dir(name: str = ADAPTER_NAME) -> Path:
 # 2. Does the adapter fit the base? (checked before anything is loaded or written)
 # ---------------------------------------------------------------------------------------------
 BASE_INFO_FILE = "kit_base.json"  # written beside an adapter by save_adapter: what it was trained on
+RECIPE_FILE = "kit_recipe.json"   # written beside it when a recipe made it: the recipe and its fingerprint
 
 
 def base_info(model: nn.Module) -> dict:
@@ -50,12 +53,23 @@ def base_info(model: nn.Module) -> dict:
             "num_hidden_layers": c.num_hidden_layers, "vocab_size": c.vocab_size}
 
 
-def save_adapter(model, path: str | Path) -> Path:
-    """``save_pretrained`` (adapter_model.safetensors + adapter_config.json) plus ``kit_base.json``."""
+def save_adapter(model, path: str | Path, recipe=None) -> Path:
+    """``save_pretrained`` (adapter_model.safetensors + adapter_config.json) plus ``kit_base.json``, and
+    ``kit_recipe.json`` when ``recipe`` (a :class:`qlora_helpers.recipe.Recipe`) trained it."""
     path = Path(path)
     model.save_pretrained(path)
     (path / BASE_INFO_FILE).write_text(json.dumps(base_info(model.get_base_model()), indent=1))
+    (path / RECIPE_FILE).unlink(missing_ok=True)     # an older adapter's recipe must not stay behind
+    if recipe is not None:
+        (path / RECIPE_FILE).write_text(json.dumps({"fingerprint": recipe.fingerprint(), "recipe": recipe.as_dict()},
+                                                   indent=1))
     return path
+
+
+def recipe_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint of the recipe that trained the adapter in ``path``, or None if none was recorded."""
+    f = Path(path) / RECIPE_FILE
+    return json.loads(f.read_text())["fingerprint"] if f.exists() else None
 
 
 def _lora_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -176,7 +176,13 @@ class LoRALinear(nn.Module):
                              f"weight; merge into a full-precision copy of the base instead "
                              f"(merging into 4-bit re-quantizes W + ΔW and loses precision)")
         w = self.base_layer.weight
-        w.data += self.get_delta_weight()  # (out, in); fp32 ΔW added in fp32, the sum rounded once to W's dtype (as PEFT)
+        merged = (w.data + self.get_delta_weight()).to(w.dtype)  # (out, in); added in fp32, rounded once to W's dtype (as PEFT)
+        if not torch.isfinite(merged).all():  # PEFT's safe_merge: never write a broken adapter into the base
+            bad = int((~torch.isfinite(merged)).sum())
+            raise ValueError(f"merge refused: W + ΔW has {bad} non-finite value(s) in this {tuple(w.shape)} layer "
+                             f"(ΔW finite: {bool(torch.isfinite(self.get_delta_weight()).all())}); the adapter is broken "
+                             f"(a NaN/inf from training?) or overflows {w.dtype}: do not merge it")
+        w.data = merged
         self.merged = True
 
     def unmerge(self) -> None:
@@ -282,6 +288,9 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINE
     if lora_layers(model):
         raise ValueError("model already has LoRALinear layers; inject into a fresh base model")
     names = find_targets(model, target_modules)
+    if not names:   # nothing to wrap would leave nothing to train: say so instead of training nothing
+        raise ValueError(f"target_modules={target_modules!r} leaves no layer to wrap in this "
+                         f"{type(model).__name__} (its only linear layer is the output head, or it has none)")
     model.requires_grad_(False)  # freeze the base: embeddings, norms, head, every W
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -309,8 +318,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def merge_lora(model: nn.Module) -> None:
     """``merge()`` every LoRA layer: the model then computes with W + ΔW and no LoRA path."""
-    for layer in lora_layers(model).values():
-        layer.merge()
+    for name, layer in lora_layers(model).items():
+        try:
+            layer.merge()
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
 
 
 def unmerge_lora(model: nn.Module) -> None:

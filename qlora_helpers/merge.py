@@ -42,12 +42,12 @@ import torch.nn as nn
 
 from .adapters import (  # noqa: F401  (re-exported: notebook 05 loads and checks adapters with them)
     ADAPTER_NAME, NB04_ADAPTER, AdapterMismatchError, adapter_dir, base_info, check_adapter_matches,
-    load_adapter, save_adapter)
+    load_adapter, recipe_fingerprint, save_adapter)
 from .cpu_layout import (  # noqa: F401  (re-exported: notebook 05 teaches the trap with them)
     is_4bit, is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
     simulate_cpu_repack, standard_layout)
 from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
-from .recipe import KIT_LOOP, Recipe
+from .recipe import KIT_LOOP, Recipe, recipe_for
 
 # ---------------------------------------------------------------------------------------------
 # 1. The adapter to merge: trained once on the 4-bit base, cached as safetensors
@@ -74,31 +74,46 @@ def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
     return losses
 
 
-def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, retrain: bool = False):
+def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, retrain: bool = False,
+                 also_accept: tuple[Recipe, ...] = ()):
     """The date-task adapter (LoRA on all linear layers) on the profile's 4-bit base.
 
-    Loads ``$QLORA_KIT_CACHE/adapters/<name>`` if it is there, else trains it with
-    :func:`train_adapter` (the offline profile: about a minute on one CPU core) and saves it
-    (``adapter_model.safetensors`` + ``adapter_config.json``).
+    Loads ``$QLORA_KIT_CACHE/adapters/<name>`` if it is there *and* was trained by ``recipe`` (or one of
+    ``also_accept``), as its ``kit_recipe.json`` records; else trains it with :func:`train_adapter` (the
+    offline profile: about a minute on one CPU core) and saves it (``adapter_model.safetensors`` +
+    ``adapter_config.json`` + the recipe). So a changed recipe trains anew instead of reloading an
+    adapter an older recipe made.
 
     Args:
         profile: a :class:`qlora_helpers.runtime.Profile`. recipe: what to train if training.
-        name: cache folder name (default: ``date-r16-all-linear-<steps>``). retrain: ignore the cache.
+        name: cache folder name (default: ``date-task-<the recipe's fingerprint>``). retrain: ignore the cache.
+        also_accept: other recipes whose adapter may be loaded under ``name`` (notebook 05 takes the one
+            notebook 04 trained with its recipe, else trains a stand-in with ``recipe``).
     Returns:
         ``(peft_model, info)``: the model in eval mode (its base loaded by ``load_model``, so the
         CPU repack is switched off), and ``{"path", "trained", "losses"}``.
     """
     from .runtime import load_model, load_task_dataset, load_tokenizer
-    path = adapter_dir(name or f"{ADAPTER_NAME}-{recipe.steps}")
+    path = adapter_dir(name or f"{ADAPTER_NAME}-{recipe.fingerprint()}")
     base = load_model(profile)  # 4-bit, CPU repack switched off (qlora_helpers.cpu_layout)
+    wanted = {r.fingerprint() for r in (recipe, *also_accept)}
     if (path / "adapter_config.json").exists() and not retrain:
-        return load_adapter(base, path), {"path": path, "trained": False, "losses": []}
+        if recipe_fingerprint(path) in wanted:
+            return load_adapter(base, path), {"path": path, "trained": False, "losses": []}
+        print(f"{path.name}: the cached adapter was trained by another recipe (or records none); training anew")
     from peft import get_peft_model
     torch.manual_seed(recipe.seed)  # lora_A's random init
     model = get_peft_model(base, recipe.lora_config())  # 4-bit base frozen, A and B trainable (fp32)
     losses = train_adapter(model, load_tokenizer(profile), load_task_dataset(profile)["train"], recipe)
-    save_adapter(model, path)  # safetensors by default
+    save_adapter(model, path, recipe)  # safetensors by default
     return model, {"path": path, "trained": True, "losses": losses}
+
+
+def nb04_adapter(profile, retrain: bool = False):
+    """Notebook 04's adapter, if it is cached and was trained by notebook 04's recipe as it is now
+    (:func:`qlora_helpers.recipe.recipe_for`); else a stand-in trained under the same name with
+    :data:`KIT_LOOP`, so that notebook 05 also runs on its own. :func:`task_adapter`'s return."""
+    return task_adapter(profile, KIT_LOOP, NB04_ADAPTER, retrain, also_accept=(recipe_for(profile),))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +199,9 @@ def merge_to_fp(model, dtype: torch.dtype = torch.float32):
         mod_name, _, leaf = key.rpartition(".")
         module = base.get_submodule(mod_name)
         merged = merged_weight(module) if leaf == "weight" else None
+        if merged is not None and not torch.isfinite(merged).all():   # as PEFT's safe_merge
+            raise ValueError(f"merge refused: {mod_name} would get {int((~torch.isfinite(merged)).sum())} non-finite "
+                             f"weight(s); the adapter is broken (a NaN/inf from training?): do not merge it")
         state[key] = merged if merged is not None else _plain_param(module, leaf)
     plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     return plain.eval()

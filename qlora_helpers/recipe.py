@@ -129,6 +129,23 @@ class Recipe:
             raise ValueError(f"unknown recipe field(s) {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
+    def as_dict(self) -> dict:
+        """Every field, JSON-ready (target modules as a list)."""
+        d = dataclasses.asdict(self)
+        d["target_modules"] = d["target_modules"] if isinstance(d["target_modules"], str) else list(d["target_modules"])
+        return d
+
+    def fingerprint(self) -> str:
+        """A short hash of every field: what a cached adapter records, so that a changed recipe never
+        reloads an adapter another recipe trained (:func:`qlora_helpers.merge.task_adapter`).
+
+        >>> KIT_SFT.fingerprint() == KIT_SFT.replace().fingerprint() != KIT_SFT.replace(r=8).fingerprint()
+        True
+        """
+        import hashlib
+        import json
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
     def lora_config(self):
         """This recipe's PEFT ``LoraConfig`` for a causal LM (bias off, the output head excluded)."""
         from peft import LoraConfig

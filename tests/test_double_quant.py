@@ -97,9 +97,16 @@ def test_offline_model_bytes(offline_profile):
         assert dq.measured_bytes(m.weight.data, m.weight.quant_state) == dq.storage_bytes(m.weight.quant_state.shape.numel())
 
 
-def test_checkers():
-    assert ex03.check_bits_per_param_dq(128, 4 + 8 / 128 + 32 / (128 * 256))
-    assert not ex03.check_bits_per_param_dq(64, None)
+def test_checkers_take_what_bitsandbytes_stores():
+    """The exercise checkers against bitsandbytes itself: the bits per weight of a double-quantized 128-block
+    layer and the bytes of a (64, 128) layer, measured from quantize_4bit's own tensors."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    packed, st = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    assert ex03.check_layer_bytes((64, 128), sum(dq.measured_bytes(packed, st).values()))
+    big = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0))
+    packed, st = bnbF.quantize_4bit(big, blocksize=128, quant_type="nf4", compress_statistics=True)
+    bits = 8 * sum(t.numel() * t.element_size() for t in (packed, st.absmax, st.state2.absmax)) / big.numel()
+    assert ex03.check_bits_per_param_dq(128, bits)
+    assert not ex03.check_bits_per_param_dq(64, None)              # not attempted yet
     with pytest.raises(AssertionError):
-        ex03.check_bits_per_param_dq(64, 4.5)
-    assert ex03.check_layer_bytes((64, 128), sum(dq.storage_bytes(64 * 128).values()))
+        ex03.check_bits_per_param_dq(64, 4.5)                      # double quantization forgotten

@@ -328,3 +328,30 @@ def test_exercise_checkers():
     assert ex01.check_exercise_4(None) is None
     with pytest.raises(AssertionError):
         ex01.check_exercise_4(32)
+
+
+def test_a_merge_refuses_a_broken_adapter_and_names_the_layer():
+    """PEFT's safe_merge: a NaN in an adapter (a training that blew up) must not be written into the base.
+    merge_lora names the layer, and the base is left as it was."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    before = [m.weight.detach().clone() for m in model]
+    lora.inject_lora(model, r=2)
+    with torch.no_grad():
+        lora.lora_layers(model)["1"].lora_B.weight[0, 0] = float("nan")   # row 0 of ΔW: its 8 values
+    with pytest.raises(ValueError, match="^1: merge refused: W \\+ ΔW has 8 non-finite value"):
+        lora.merge_lora(model)
+    assert torch.equal(lora.lora_layers(model)["1"].base_layer.weight, before[1])
+
+
+def test_injecting_into_nothing_is_refused():
+    """A setting that would leave nothing to train says so (here: "all-linear" on a model whose only linear
+    layer is its output head, which "all-linear" skips)."""
+    class HeadOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lm_head = nn.Embedding(10, 4), nn.Linear(4, 10)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+    with pytest.raises(ValueError, match="leaves no layer to wrap in this HeadOnly"):
+        lora.inject_lora(HeadOnly())

@@ -164,23 +164,6 @@ def test_save_and_reload_without_peft(offline_profile, tok, texts, tmp_path):
         M.save_merged(lora_4bit(offline_profile), tok, tmp_path / "nope")
 
 
-def test_unmerge_restores_the_base(offline_profile, tmp_path):
-    from qlora_helpers.runtime import load_model
-    M.save_adapter(lora_4bit(offline_profile), tmp_path / "a")
-    fp = load_model(offline_profile, quantized=False)
-    before = {n: p.detach().clone() for n, p in fp.named_parameters()}
-    peft_fp = M.load_adapter(fp, tmp_path / "a")
-    peft_fp.merge_adapter()
-    moved = max((p - before[n.removeprefix("base_model.model.").replace("base_layer.", "")]).abs().max()
-                for n, p in peft_fp.named_parameters() if "base_layer.weight" in n)
-    assert moved > 1e-3
-    peft_fp.unmerge_adapter()
-    for n, p in peft_fp.named_parameters():
-        if "lora_" not in n:
-            w = before[n.removeprefix("base_model.model.").replace("base_layer.", "")]
-            assert (p - w).abs().max() <= 4 * torch.finfo(torch.float32).eps * 2, n  # |W|<2: fp32 rounding
-
-
 def test_adapter_of_another_shape_is_refused(offline_profile, tmp_path):
     from transformers import AutoModelForCausalLM
     from qlora_helpers.runtime import load_model
@@ -262,3 +245,34 @@ def test_chunked_logit_gap_equals_the_whole_batch_computation():
     assert got["max_abs_logit_diff"] == (a - b).abs().max().item()
     with pytest.raises(ValueError, match="same texts"):
         M.logit_gap(ref, other[:, :5], mask)
+
+
+def test_a_changed_recipe_trains_anew_instead_of_reloading_the_old_adapter(offline_profile, tmp_path, monkeypatch, capsys):
+    """The stale-cache hazard: task_adapter cached under "date-r16-all-linear-<steps>", so a recipe with another
+    rank, alpha or lr silently reloaded the old adapter. Each adapter now records the recipe that trained it
+    (kit_recipe.json) and is reused only for that recipe."""
+    from qlora_helpers.recipe import KIT_LOOP, recipe_for
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
+    small = KIT_LOOP.replace(steps=2, batch_size=2)                       # small for test speed
+    _, first = M.task_adapter(offline_profile, small)
+    _, again = M.task_adapter(offline_profile, small)
+    _, other_lr = M.task_adapter(offline_profile, small.replace(lr=small.lr / 2))
+    assert first["trained"] and not again["trained"] and other_lr["trained"] and other_lr["path"] != first["path"]
+    # under one fixed name (notebook 04's): another recipe's adapter is not reloaded, and says so
+    M.task_adapter(offline_profile, small, name="fixed")
+    _, other_r = M.task_adapter(offline_profile, small.replace(r=8), name="fixed")
+    assert other_r["trained"] and "trained by another recipe" in capsys.readouterr().out
+    assert M.recipe_fingerprint(other_r["path"]) == small.replace(r=8).fingerprint()
+    # notebook 05 takes notebook 04's adapter when 04's current recipe trained it
+    model, _ = M.task_adapter(offline_profile, small, name="x")
+    M.save_adapter(model, M.adapter_dir(M.NB04_ADAPTER), recipe_for(offline_profile))
+    assert M.nb04_adapter(offline_profile)[1]["trained"] is False
+
+
+def test_merge_to_fp_refuses_a_broken_adapter_and_names_the_layer(offline_profile):
+    model = lora_4bit(offline_profile)
+    name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B)
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=f"merge refused: {name.removeprefix('base_model.model.')}"):
+        M.merge_to_fp(model)

@@ -9,8 +9,17 @@ from qlora_helpers.notebook_setup import repo_in_cell, setup_cell_source
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def test_there_are_notebooks():
-    assert NOTEBOOKS and NOTEBOOKS[0].name == "00_start_here.ipynb"
+def test_the_course_tables_list_every_notebook():
+    """The README's course table and notebook 00's table name exactly the notebooks that exist, in order (a
+    notebook added or renamed without its row fails here)."""
+    import re
+    names = [p.stem for p in NOTEBOOKS]
+    assert names[0] == "00_start_here"
+    readme = (NOTEBOOKS[0].parent.parent / "README.md").read_text()
+    course = readme.split("## The course", 1)[1].split("\n\n", 2)[1]
+    assert re.findall(r"^\| `(\d\d_\w+)` \|", course, re.M) == names
+    intro = nbformat.read(NOTEBOOKS[0], as_version=4).cells[0].source
+    assert re.findall(r"^\| `(\d\d_\w+)` \|", intro, re.M) == names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

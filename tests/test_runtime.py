@@ -16,10 +16,17 @@ def test_compute_dtype_follows_capability_not_is_bf16_supported(cap, dtype, monk
     assert compute_dtype_for("cuda", cap) == dtype
 
 
-def test_cpu_dtype_and_optimizers():
-    assert compute_dtype_for("cpu") == torch.float32
-    assert optimizer_for("cuda") == "paged_adamw_8bit"
-    assert optimizer_for("cpu") == "adamw_torch"
+def test_the_optimizer_names_are_ones_transformers_builds():
+    """optimizer_for's names are TrainingArguments.optim values, and Trainer builds from them what the profile
+    means: bitsandbytes' paged 8-bit AdamW on a GPU, torch's AdamW on the CPU (transformers is the oracle)."""
+    import bitsandbytes as bnb
+    from transformers import Trainer, TrainingArguments
+
+    def built(device):
+        return Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", optim=optimizer_for(device)))
+    assert built("cpu")[0] is torch.optim.AdamW
+    cls, kwargs = built("cuda")
+    assert cls is bnb.optim.AdamW and kwargs["is_paged"] and kwargs["optim_bits"] == 8
     with pytest.raises(ValueError, match="capability"):
         compute_dtype_for("cuda")
 
