@@ -21,7 +21,7 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj
            "all-linear": "all-linear"}
 INITS = ("default", "loftq")
 CURVES = ["r4", "r16", "r64", "r64-rs", "qv", "lorafa", "dora"]  # the full grid's loss-curve figure
-OPTIMIZERS = ("adamw", "lorafa")
+OPTIMIZER_VARIANTS = ("adamw", "lorafa")
 # The baseline every variant changes one thing of: the recipe ABLATION_BASELINE (r 16, alpha 16,
 # the QLoRA paper's alpha; no dropout; lr 3e-3, the kit's fast CPU rate) on all linear layers,
 # PEFT's default init and AdamW. A variant is a flat dict (what the results file stores); its
@@ -45,7 +45,7 @@ def make_variant(name: str, **changes) -> dict:
     if unknown:
         raise ValueError(f"unknown variant setting(s) {sorted(unknown)}; known: {sorted(BASELINE)}")
     v = {"name": name, **BASELINE, **changes}
-    for key, allowed in (("targets", tuple(TARGETS)), ("init", INITS), ("optimizer", OPTIMIZERS)):
+    for key, allowed in (("targets", tuple(TARGETS)), ("init", INITS), ("optimizer", OPTIMIZER_VARIANTS)):
         if v[key] not in allowed:
             raise ValueError(f"variant {name!r}: {key}={v[key]!r} is not one of {allowed}")
     try:

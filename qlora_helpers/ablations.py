@@ -61,7 +61,7 @@ from .training import model_loss, on_model_device, train_loop
 from .ablation_plots import plot_curves, plot_rank, plot_spread, smooth  # noqa: F401
 from .seed_stats import results_table, separated, summarize, verdict  # noqa: F401
 # What to run (the baseline, the variants, the grids) is the plan, in a module of its own.
-from .ablation_plan import (BASELINE, CURVES, INITS, OPTIMIZERS, TARGETS, grid, lora_config_for,  # noqa: F401
+from .ablation_plan import (BASELINE, CURVES, INITS, OPTIMIZER_VARIANTS, TARGETS, grid, lora_config_for,  # noqa: F401
                             make_variant, method_variants, rank_variants, variant_recipe)
 
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
@@ -228,7 +228,7 @@ class DifferentBaseError(ValueError):
     """Committed results were made on another base model than the one loaded here."""
 
 
-def base_fingerprint(profile) -> str:
+def base_file_sha256(profile) -> str:
     """What every number of the grid depends on first: the SHA-256 of the base model's weights
     file (``model.safetensors`` in a local model folder), or the hub id for a hub model."""
     from .artifacts import sha256_file
@@ -239,7 +239,7 @@ def base_fingerprint(profile) -> str:
 def check_same_base(meta: dict, profile) -> None:
     """Raise :class:`DifferentBaseError` if ``meta`` (of :func:`load_results`) records another
     base than ``profile``'s: then a difference in losses is a different model, not drift."""
-    here = base_fingerprint(profile)
+    here = base_file_sha256(profile)
     if meta.get("base") != here:
         raise DifferentBaseError(
             f"the committed grid was made on another base: it records {meta.get('base')!r}, this "
@@ -252,7 +252,7 @@ def save_results(rows: list[dict], path, plan: dict | None = None, meta: dict | 
                  profile=None) -> Path:
     """Write grid rows as JSON ``{"meta": ..., "rows": [...]}``; losses rounded to 5 digits.
 
-    ``meta`` records what the numbers depend on: the base model (:func:`base_fingerprint` of
+    ``meta`` records what the numbers depend on: the base model (:func:`base_file_sha256` of
     ``profile``), steps, seeds, test rows, package versions, the number of torch threads, the
     torch CPU kernels, the date and how many grid processes ran at once (their wall times share
     the machine), so a committed result says how it was made. Pass the
@@ -268,7 +268,7 @@ def save_results(rows: list[dict], path, plan: dict | None = None, meta: dict | 
         "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__,
         "threads": torch.get_num_threads(), "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "base": base_fingerprint(profile) if profile is not None else None,
+        "base": base_file_sha256(profile) if profile is not None else None,
         "date": datetime.date.today().isoformat(), "processes": 1}
     slim = [{**r, "losses": [round(x, 5) for x in r["losses"]]} for r in rows]
     path = Path(path)

@@ -208,9 +208,9 @@ def bits_per_param(blocksize: int = 64, double_quant: bool = True, dq_blocksize:
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}; the QLoRA defaults are 64 and 256")
     if not double_quant:
-        return nf4.bits_per_param(blocksize)                           # 4 + 32/64 = 4.5
+        return nf4.blockwise_bits_per_param(blocksize)                           # 4 + 32/64 = 4.5
     absmax_bits = 8 + 32 / dq_blocksize                                # an 8-bit code, plus its share of one fp32 per 256
-    return nf4.bits_per_param(blocksize, absmax_bits=absmax_bits)      # 4 + 8/64 + 32/(64*256) = 4.127
+    return nf4.blockwise_bits_per_param(blocksize, absmax_bits=absmax_bits)      # 4 + 8/64 + 32/(64*256) = 4.127
 
 
 def storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,

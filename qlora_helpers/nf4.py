@@ -54,7 +54,7 @@ __all__ = [
     "paper_offset", "normal_quantiles", "nf4_levels", "fp4_levels", "int4_levels", "midpoints",
     "check_blocksize", "check_weights", "block_absmax", "scale_to_unit", "nearest_codes",
     "quantize_codes", "dequantize_codes", "roundtrip", "pack_nibbles", "unpack_nibbles",
-    "quantize_nf4", "dequantize_nf4", "quantization_error", "bits_per_param", "code_entropy",
+    "quantize_nf4", "dequantize_nf4", "quantization_error", "blockwise_bits_per_param", "code_entropy",
     "bnb_reference_dequantize", "whose_defect", "block_spans_rows",
 ]
 
@@ -509,10 +509,10 @@ def quantization_error(w: torch.Tensor, levels: torch.Tensor,
     return {"mae": err.double().abs().mean().item(), "rmse": rmse, "rel_rmse": rmse / rms}
 
 
-def bits_per_param(blocksize: int, code_bits: int = 4, absmax_bits: int = 32) -> float:
+def blockwise_bits_per_param(blocksize: int, code_bits: int = 4, absmax_bits: int = 32) -> float:
     """Storage per weight: a 4-bit code plus one fp32 absmax per block.
 
-    >>> bits_per_param(64), bits_per_param(4096)
+    >>> blockwise_bits_per_param(64), blockwise_bits_per_param(4096)
     (4.5, 4.0078125)
 
     Args:

@@ -10,7 +10,7 @@ for the CPU (offline profile) and a GPU (gpu profile):
 * ``TrainingArguments`` with the profile's optimizer (``paged_adamw_8bit`` on a GPU), bf16/fp16
   flags from the profile's compute dtype, max grad norm 0.3, a constant schedule after warm-up;
 * :class:`TrainingHealthCallback`: LoRA gradients non-zero, loss finite and not stuck at zero
-  (:class:`TrainingAlarm` otherwise), gradient norm recorded; :func:`base_fingerprint` proves the
+  (:class:`TrainingAlarm` otherwise), gradient norm recorded; :func:`base_tensor_hashes` proves the
   4-bit base stays byte-for-byte unchanged.
 
 Every number of a run comes from one :class:`qlora_helpers.recipe.Recipe` (the kit's
@@ -112,7 +112,7 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
 
 
-def base_fingerprint(model) -> dict[str, str]:
+def base_tensor_hashes(model) -> dict[str, str]:
     """SHA-256 of every non-LoRA tensor in ``model.state_dict()``: the packed NF4 bytes (uint8),
     the quantization state (absmax, nested absmax, quant map), embeddings, norms, head.
 
@@ -136,7 +136,7 @@ class TrainingHealthCallback(TrainerCallback):
 
     def __init__(self, model):
         self.before_lora = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
-        self.before_base = base_fingerprint(model)
+        self.before_base = base_tensor_hashes(model)
         self.history: list[dict] = []          # {"step", "loss", "grad_norm"} per log
         self.nonzero_grads: dict[str, bool] = {}
 
@@ -162,7 +162,7 @@ class TrainingHealthCallback(TrainerCallback):
                 "all_lora_had_nonzero_grad": bool(self.nonzero_grads) and all(self.nonzero_grads.values()),
                 "all_lora_moved": all(v > 0 for v in moved.values()),
                 "min_lora_change": min(moved.values()),
-                "base_unchanged": base_fingerprint(model) == self.before_base,
+                "base_unchanged": base_tensor_hashes(model) == self.before_base,
                 "n_base_tensors": len(self.before_base)}
 
 

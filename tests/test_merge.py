@@ -186,14 +186,14 @@ def test_train_adapter_trains_only_lora(offline_profile, tok):
     # (sft.train_loop) on the 4-bit base must lower the loss and leave the base bytes alone.
     from peft import get_peft_model
     from qlora_helpers.runtime import load_model, load_task_dataset
-    from qlora_helpers.sft import base_fingerprint, lora_config
+    from qlora_helpers.sft import base_tensor_hashes, lora_config
     torch.manual_seed(0)
     model = get_peft_model(load_model(offline_profile), lora_config(r=R, lora_alpha=2 * R))
-    before = base_fingerprint(model)
+    before = base_tensor_hashes(model)
     losses = M.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)),
                              M.KIT_LOOP.replace(steps=12, lr=5e-3))
     assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses  # measured ~4.9 -> ~2
-    assert base_fingerprint(model) == before and not model.training
+    assert base_tensor_hashes(model) == before and not model.training
 
 
 def test_adapter_bytes_checker_waits_passes_and_fails(capsys):

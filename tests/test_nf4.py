@@ -250,7 +250,7 @@ def test_bits_per_param_equals_bitsandbytes_storage(blocksize):
     w = weights((256, 4096), torch.float32)
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
     stored_bits = 8 * (packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size())
-    assert stored_bits / w.numel() == nf4.bits_per_param(blocksize)
+    assert stored_bits / w.numel() == nf4.blockwise_bits_per_param(blocksize)
 
 
 def test_code_entropy_hand_worked():

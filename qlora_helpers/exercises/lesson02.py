@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..nf4 import (NF4_OFFSET, bits_per_param, fp4_levels, int4_levels, nf4_levels, paper_offset,
+from ..nf4 import (NF4_OFFSET, blockwise_bits_per_param, fp4_levels, int4_levels, nf4_levels, paper_offset,
                    quantization_error)
 from . import attempted, expect
 
@@ -64,7 +64,7 @@ def check_bits_per_param(blocksize: int, answer) -> bool | None:
     """Exercise 4: bits per parameter for NF4 with one fp32 absmax per ``blocksize`` values."""
     if not attempted(answer, "Exercise 4"):
         return None   # waiting: nothing to display below the hint
-    want = bits_per_param(blocksize)
+    want = blockwise_bits_per_param(blocksize)
     expect(math.isclose(float(answer), want), f"got {answer}, want 4 bits per code plus 32 bits shared by {blocksize} values")
     print(f"Exercise 4: correct, {want} bits per parameter at blocksize {blocksize}.")
     return True
