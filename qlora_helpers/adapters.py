@@ -23,7 +23,7 @@ ADAPTER_NAME = "date-task"  # the kit's task adapters: $QLORA_KIT_CACHE/adapters
 
 
 # Notebook 04 saves the adapter it trained under this name; notebook 05 merges it.
-NB04_ADAPTER = "date-r16-all-linear-04"
+NB04_ADAPTER = f"{ADAPTER_NAME}-04"   # kit_recipe.json beside it says which recipe trained it
 
 
 class AdapterMismatchError(ValueError):

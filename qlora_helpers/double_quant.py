@@ -191,7 +191,7 @@ def dequantize_nf4_dq(packed: torch.Tensor, state: DoubleQuantState, shape: Sequ
 # ---------------------------------------------------------------------------------------------
 # 4. Bits and bytes
 # ---------------------------------------------------------------------------------------------
-def bits_per_param(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = DQ_BLOCKSIZE) -> float:
+def bits_per_param(blocksize: int = nf4.DEFAULT_BLOCKSIZE, double_quant: bool = True, dq_blocksize: int = DQ_BLOCKSIZE) -> float:
     """Storage per weight in the limit of a large matrix.
 
     >>> bits_per_param(64, False), bits_per_param(64, True)  # the QLoRA paper: 4.5 and 4.127
@@ -213,7 +213,7 @@ def bits_per_param(blocksize: int = 64, double_quant: bool = True, dq_blocksize:
     return nf4.blockwise_bits_per_param(blocksize, absmax_bits=absmax_bits)      # 4 + 8/64 + 32/(64*256) = 4.127
 
 
-def storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True,
+def storage_bytes(numel: int, blocksize: int = nf4.DEFAULT_BLOCKSIZE, double_quant: bool = True,
                   dq_blocksize: int = DQ_BLOCKSIZE) -> dict[str, int]:
     """The exact bytes bitsandbytes keeps for one NF4 weight of ``numel`` values.
 

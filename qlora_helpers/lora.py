@@ -397,12 +397,12 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                            ignore_index=-100)
 
 
-def train_steps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr: float = 2e-3,
+def train_steps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr: float,
                 weight_decay: float = 0.0) -> list[float]:
     """One AdamW step per batch on the parameters with ``requires_grad`` (after
     :func:`inject_lora`: A and B only), constant learning rate, no clipping, the loss
     :func:`lm_loss`; returns the training losses. The loop is the kit's one
-    (:func:`qlora_helpers.training.train_loop`)."""
+    (:func:`qlora_helpers.training.train_loop`). ``lr`` has no default: each lesson says its own."""
     from .training import train_loop
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

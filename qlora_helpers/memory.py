@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .double_quant import storage_bytes
-from .recipe import check_rank
+from .nf4 import DEFAULT_BLOCKSIZE
+from .recipe import KIT_SFT, check_rank
 
 __all__ = [
     "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS", "OPTIMIZERS",
@@ -258,7 +259,7 @@ def _check_positive(name: str, value) -> None:
 # ---------------------------------------------------------------------------------------------
 # 2. Components
 # ---------------------------------------------------------------------------------------------
-def nf4_bytes(config, double_quant: bool = True, blocksize: int = 64) -> dict[str, int]:
+def nf4_bytes(config, double_quant: bool = True, blocksize: int = DEFAULT_BLOCKSIZE) -> dict[str, int]:
     """Exact bytes of the NF4 layers (every linear but lm_head), split into codes and constants.
 
     Returns:
@@ -365,7 +366,7 @@ def _weights(config, method: str, n_params: int, upcast_non_quantized: bool) -> 
     return {"weights": q["weights"] + bytes_rest * rest, "quant constants": q["constants"]}
 
 
-def estimate_memory(config, method: str = "qlora", r: int = 16, target_modules="all-linear",
+def estimate_memory(config, method: str = "qlora", r: int = KIT_SFT.r, target_modules=KIT_SFT.target_modules,
                     batch_size: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
                     optimizer: str = "adamw", upcast_non_quantized: bool = True,
                     cuda_context_gib: float = 0.5, fragmentation: float = 0.10,
@@ -460,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help=f"config.json, its folder, or one of: {', '.join(KNOWN_CONFIGS)}")
     ap.add_argument("--gpu", default="t4", choices=sorted(GPUS))
     ap.add_argument("--method", default="qlora", choices=METHODS)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--target-modules", default="all-linear",
+    ap.add_argument("--r", type=int, default=KIT_SFT.r, help=f"LoRA rank (default: the kit's recipe, {KIT_SFT.r})")
+    ap.add_argument("--target-modules", default=KIT_SFT.target_modules,
                     help="all-linear, or comma-separated names such as q_proj,v_proj")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)

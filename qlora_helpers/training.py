@@ -18,6 +18,8 @@ import time
 from contextlib import nullcontext
 from typing import Callable, Iterable
 
+from .recipe import Recipe
+
 
 class TrainingAlarm(RuntimeError):
     """Training produced a value that means it is broken (NaN loss, a loss stuck at zero, ...)."""
@@ -46,7 +48,7 @@ def check_loss(loss: float, step: int, zero_tol: float = 1e-6) -> None:
             f"-100 (response-only masking with a too-short max_length).")
 
 
-def warmup_lr(step: int, lr: float, warmup: int = 10) -> float:
+def warmup_lr(step: int, lr: float, warmup: int = Recipe.warmup_steps) -> float:
     """Linear warm-up over ``warmup`` steps, then constant (the Trainer's ``constant_with_warmup``).
 
     >>> [warmup_lr(s, 1.0, 10) for s in (0, 4, 9, 100)]
@@ -110,8 +112,8 @@ def model_loss(model, batch: dict):
     return model(**on_model_device(batch, model), use_cache=False).loss
 
 
-def train_loop(model, optimizer, batches: Iterable[dict], lr: float, warmup: int = 10,
-               max_grad_norm: float | None = 0.3, count_activations: bool = False,
+def train_loop(model, optimizer, batches: Iterable[dict], lr: float, warmup: int = Recipe.warmup_steps,
+               max_grad_norm: float | None = Recipe.max_grad_norm, count_activations: bool = False,
                loss_fn: Callable = model_loss, schedule: Callable[[int], float] | None = None,
                log: Callable | None = None, log_every: int = 100) -> dict:
     """One optimizer step per batch: set the learning rate, forward, backward, clip, step, check.

@@ -6,6 +6,7 @@ import torch
 
 from ..lora import llama_lora_param_count
 from ..merge import merged_weight
+from ..recipe import KIT_SFT
 from . import attempted, expect
 
 
@@ -26,7 +27,7 @@ def check_merged_layer(merged_weight_fn, model) -> bool | None:
     return True
 
 
-def check_adapter_bytes(answer, config, r: int = 16) -> bool | None:
+def check_adapter_bytes(answer, config, r: int = KIT_SFT.r) -> bool | None:
     """Bytes of the fp32 LoRA tensors of an all-linear rank-``r`` adapter on ``config``'s model."""
     if not attempted(answer, "Exercise 2"):
         return None   # waiting: nothing to display below the hint
