@@ -21,8 +21,8 @@ The claims and the papers they come from:
 
 Production code used and checked against: PEFT 0.21.2 (``LoraConfig(use_rslora=..., use_dora=...)``,
 ``peft.optimizers.create_lorafa_optimizer``), the kit's training building blocks
-(:func:`qlora_helpers.sft.lora_config`, :func:`~qlora_helpers.sft.prepare_qlora_model`,
-:func:`qlora_helpers.sft_data.tokenize_dataset`, :func:`~qlora_helpers.sft_data.padded_collator`),
+(:func:`qlora_helpers.sft.lora_config`, :func:`~qlora_helpers.recipe.prepare_qlora_model`,
+:func:`qlora_helpers.sft_data.tokenize_dataset`, :func:`~qlora_helpers.chat_data.padded_collator`),
 and :func:`qlora_helpers.evaluation.exact_match`. The loop is :func:`qlora_helpers.training.train_loop`,
 plain PyTorch (linear warm-up then constant learning rate, max grad norm 0.3 as in
 :func:`qlora_helpers.sft.training_arguments`), because LoRA-FA needs its own optimizer object and
@@ -36,7 +36,7 @@ layer keeps is visible). The frozen 4-bit base is the same for all variants and 
 
 This module is the runner (data, model, optimizer, one variant, a grid), the results files and the
 command line. What to run is :mod:`qlora_helpers.ablation_plan`, statistics over seeds
-:mod:`qlora_helpers.seed_stats`, the figures :mod:`qlora_helpers.ablation_plots` (all re-exported here).
+:mod:`qlora_helpers.seed_stats`, the figures :mod:`qlora_helpers.ablation_plots` (notebook 06 imports each from its module).
 
 Run the full grid: ``python -m qlora_helpers.ablations --full`` (writes build/ablations_full.json
 and figures/06_full_*.png; ``--only`` runs a shard, ``--combine`` joins shards). The kit commits
@@ -53,16 +53,16 @@ from pathlib import Path
 
 import torch
 
-from . import sft, sft_data
+from . import sft_data
+from .chat_data import padded_collator
+from .recipe import prepare_qlora_model
 from .evaluation import exact_match
 from .training import model_loss, on_model_device, train_loop
-# Statistics over seeds and the grid's figures live in modules of their own; re-exported here,
-# where notebook 06 reads them as ab.summarize, ab.verdict, ab.plot_spread, ...
-from .ablation_plots import plot_curves, plot_rank, plot_spread, smooth  # noqa: F401
-from .seed_stats import results_table, separated, summarize, verdict  # noqa: F401
-# What to run (the baseline, the variants, the grids) is the plan, in a module of its own.
-from .ablation_plan import (BASELINE, CURVES, INITS, OPTIMIZER_VARIANTS, TARGETS, grid, lora_config_for,  # noqa: F401
-                            make_variant, method_variants, rank_variants, variant_recipe)
+# Statistics over seeds, the grid's figures and the plan (baseline, variants, grids) live in modules of
+# their own; notebook 06 imports them from there.
+from .ablation_plots import plot_curves, plot_rank, plot_spread
+from .seed_stats import results_table
+from .ablation_plan import CURVES, grid, lora_config_for, variant_recipe
 
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
 # The full grid as the kit measured it (``--full``, two shards ``--combine``d); notebook 06 reads it.
@@ -85,7 +85,7 @@ def load_task(profile, n_test: int = 200, batch_size: int = 16) -> TaskData:
     tok, ds = load_tokenizer(profile), load_task_dataset(profile)
     test = ds["test"].select(range(n_test))
     eval_tok = sft_data.tokenize_dataset(test, tok)
-    collate = sft_data.padded_collator(tok, None)
+    collate = padded_collator(tok, None)
     eval_batches = [collate([eval_tok[j] for j in range(i, min(i + batch_size, n_test))])
                     for i in range(0, n_test, batch_size)]
     return TaskData(tok, sft_data.tokenize_dataset(ds["train"], tok), list(test), eval_batches,
@@ -106,7 +106,7 @@ def build_model(profile, variant: dict, data: TaskData, seed: int):
     from .loftq import apply_loftq
     from .runtime import load_model
     torch.manual_seed(seed)  # lora_A's random init
-    model = sft.prepare_qlora_model(load_model(profile), lora_config_for(variant),
+    model = prepare_qlora_model(load_model(profile), lora_config_for(variant),
                                     gradient_checkpointing=False)
     report = apply_loftq(model, data.fp_model, variant["loftq_iter"]) if variant["init"] == "loftq" else {}
     return model, report

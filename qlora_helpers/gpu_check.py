@@ -267,7 +267,8 @@ def _trainer_run(profile, recipe, train_ds, collator, out: str, stop_at: int | N
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from .runtime import load_model
-    from .sft import StopAtStep, TrainingHealthCallback, prepare_qlora_model, training_arguments
+    from .sft import StopAtStep, TrainingHealthCallback, training_arguments
+    from .recipe import prepare_qlora_model
     torch.manual_seed(recipe.seed)
     model = prepare_qlora_model(load_model(profile), recipe)
     health = TrainingHealthCallback(model)
@@ -287,7 +288,8 @@ def check_training(ctx: Context):
     from .recipe import recipe_for
     from .runtime import load_task_dataset, load_tokenizer
     from .sft import lora_parameters
-    from .sft_data import packed_collator, padded_collator, tokenize_dataset
+    from .sft_data import packed_collator, tokenize_dataset
+    from .chat_data import padded_collator
     p = ctx.profile
     recipe = recipe_for(p).replace(steps=TRAIN_STEPS)
     tok = load_tokenizer(p)

@@ -12,7 +12,6 @@ import torch
 
 from .double_quant import measured_bytes
 from .recipe import prepare_qlora_model
-from .training import saved_tensor_bytes  # noqa: F401  (the activations autograd keeps; notebook 03)
 
 
 def _tensor_bytes(tensors) -> int:

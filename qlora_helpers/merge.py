@@ -22,8 +22,8 @@ What it teaches (notebook ``05_merge_and_export``):
    Note (bf16 absmax): the repack rounds the absmax to bf16 and the inverse re-quantizes it to
    8 bits; that precision is gone, so a merge after a real repack equals a fresh merge only to
    ~1e-3 relative (``tests/test_merge.py`` states the bound), not bit for bit.
-5. Adapters that do not fit the base fail early and by name (:mod:`qlora_helpers.adapters`,
-   re-exported here: :func:`check_adapter_matches`, :func:`load_adapter`, :func:`save_adapter`).
+5. Adapters that do not fit the base fail early and by name (:mod:`qlora_helpers.adapters`:
+   :func:`check_adapter_matches`, :func:`load_adapter`, :func:`save_adapter`).
 
 Papers: QLoRA, Dettmers et al. 2023, arXiv:2305.14314; LoRA, Hu et al. 2021, arXiv:2106.09685.
 
@@ -40,13 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .adapters import (  # noqa: F401  (re-exported: notebook 05 loads and checks adapters with them)
-    ADAPTER_NAME, NB04_ADAPTER, AdapterMismatchError, adapter_dir, base_info, check_adapter_matches,
-    load_adapter, recipe_fingerprint, save_adapter)
-from .cpu_layout import (  # noqa: F401  (re-exported: notebook 05 teaches the trap with them)
-    is_4bit, is_repacked, keep_standard_layout, linear4bit_modules, restore_standard_layout,
-    simulate_cpu_repack, standard_layout)
-from .evaluation import logits_and_mask  # noqa: F401  (re-exported: notebook 05 compares logits with it)
+from .adapters import (ADAPTER_NAME, NB04_ADAPTER, adapter_dir, load_adapter,
+                       recipe_fingerprint, save_adapter)
+from .cpu_layout import is_4bit, keep_standard_layout, linear4bit_modules, restore_standard_layout, standard_layout
 from .recipe import KIT_LOOP, Recipe, recipe_for
 
 # ---------------------------------------------------------------------------------------------

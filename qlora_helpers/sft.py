@@ -26,11 +26,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
-# prepare_qlora_model (a 4-bit base and a recipe -> the trainable model) lives with the recipe, so that
-# notebook 03's GPU measurement can use it too; re-exported here, where notebook 04 teaches it.
-from .recipe import KIT_SFT, Recipe, prepare_qlora_model, recipe_for  # noqa: F401
-# The one plain loop and its alarm live in qlora_helpers.training; re-exported for notebook 04.
-from .training import TrainingAlarm, check_loss, train_loop, warmup_lr  # noqa: F401
+from .recipe import KIT_SFT, Recipe, prepare_qlora_model, recipe_for
+from .training import TrainingAlarm, check_loss, train_loop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +253,8 @@ def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int 
     from .evaluation import exact_match
     from .memory import KNOWN_CONFIGS, estimate_memory
     from .runtime import load_model, load_task_dataset, load_tokenizer
-    from .sft_data import packed_collator, padded_collator, tokenize_dataset
+    from .sft_data import packed_collator, tokenize_dataset
+    from .chat_data import padded_collator
 
     recipe = recipe or recipe_for(profile)
     tok = load_tokenizer(profile)

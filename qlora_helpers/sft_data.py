@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-# The chat format itself (template, cut at EOS, padding) is shared with notebook 01; re-exported here.
-from .chat_data import IGNORE_INDEX, conversation_ids, padded_collator  # noqa: F401
+# The chat format itself (template, cut at EOS, padding) is shared with notebook 01 (qlora_helpers.chat_data).
+from .chat_data import IGNORE_INDEX, conversation_ids, padded_collator
 
 
 def tokenize_chat(example: dict, tok, max_length: int = 128) -> dict[str, list[int]]:

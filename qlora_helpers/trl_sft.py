@@ -31,7 +31,7 @@ import re
 from collections import Counter
 
 from .sft import training_kwargs
-from .sft_data import IGNORE_INDEX
+from .chat_data import IGNORE_INDEX
 
 # One ChatML turn as SmolLM2's and the tiny model's templates write it (the strings hold real
 # newlines, as in the tokenizers' files).

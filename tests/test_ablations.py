@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from qlora_helpers import ablations as ab
+from qlora_helpers import ablation_plan, ablation_plots, ablations as ab, seed_stats
 from qlora_helpers.lora import llama_lora_param_count
 
 
@@ -18,38 +18,38 @@ def data(offline_profile):
                                          ({"rank": 8}, "unknown variant setting")])
 def test_bad_variants_raise(changes, msg):
     with pytest.raises(ValueError, match=msg):
-        ab.make_variant("bad", **changes)
+        ablation_plan.make_variant("bad", **changes)
 
 
 @pytest.mark.parametrize("targets,names", [("qv", ["q_proj", "v_proj"]),
                                            ("attention", ["q_proj", "k_proj", "v_proj", "o_proj"]),
                                            ("all-linear", "all-linear")])
 def test_trainable_parameters_match_formula(offline_profile, data, targets, names):
-    v = ab.make_variant(targets, targets=targets, r=8)
+    v = ablation_plan.make_variant(targets, targets=targets, r=8)
     model, _ = ab.build_model(offline_profile, v, data, seed=0)
     got = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert got == llama_lora_param_count(data.fp_model.config, 8, names)
 
 
 def test_rslora_dora_lorafa_settings_reach_peft(offline_profile, data):
-    rs, _ = ab.build_model(offline_profile, ab.make_variant("rs", r=64, use_rslora=True), data, 0)
+    rs, _ = ab.build_model(offline_profile, ablation_plan.make_variant("rs", r=64, use_rslora=True), data, 0)
     layer = rs.base_model.model.model.layers[0].mlp.up_proj
     assert layer.scaling["default"] == pytest.approx(16 / math.sqrt(64))  # not 16 / 64
-    v = ab.make_variant("dora", use_dora=True)
+    v = ablation_plan.make_variant("dora", use_dora=True)
     dora, _ = ab.build_model(offline_profile, v, data, 0)
     base = llama_lora_param_count(data.fp_model.config, 16)
     outs = sum(m.out_features for n, m in data.fp_model.named_modules()
                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
     assert sum(p.numel() for p in dora.parameters() if p.requires_grad) == base + outs  # + magnitudes
-    fa = ab.make_variant("fa", optimizer="lorafa")
+    fa = ablation_plan.make_variant("fa", optimizer="lorafa")
     model, _ = ab.build_model(offline_profile, fa, data, 0)
     ab.make_optimizer(model, fa)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
 
 
 def test_short_run_trains_and_lorafa_keeps_a_fixed(offline_profile, data):
-    base = ab.run_variant(offline_profile, ab.make_variant("base"), steps=6, seed=0, data=data)
-    fa = ab.run_variant(offline_profile, ab.make_variant("fa", optimizer="lorafa"), 6, 0, data)
+    base = ab.run_variant(offline_profile, ablation_plan.make_variant("base"), steps=6, seed=0, data=data)
+    fa = ab.run_variant(offline_profile, ablation_plan.make_variant("fa", optimizer="lorafa"), 6, 0, data)
     assert len(base["losses"]) == 6 and all(math.isfinite(x) for x in base["losses"])
     assert base["eval_loss"] < base["init_loss"]  # 6 steps at lr 3e-3 move the held-out loss
     # 6 steps cannot teach the task (the full grid's 300 reach 0.88): an exact match above 0 here would
@@ -67,15 +67,15 @@ def test_same_seed_same_batches(data):
 
 
 def test_summaries():
-    assert ab.smooth([1, 3, 5], 2) == [1.0, 2.0, 4.0]
+    assert ablation_plots.smooth([1, 3, 5], 2) == [1.0, 2.0, 4.0]
     rows = [{"name": "x", "v": 1.0}, {"name": "x", "v": 3.0}, {"name": "y", "v": 2.0}]
-    assert ab.summarize(rows, "v") == {"x": (2.0, math.sqrt(2.0), 2), "y": (2.0, 0.0, 1)}
+    assert seed_stats.summarize(rows, "v") == {"x": (2.0, math.sqrt(2.0), 2), "y": (2.0, 0.0, 1)}
     with pytest.raises(ValueError, match="steps must be > 0"):
-        ab.run_variant(None, ab.make_variant("x"), 0, 0)
+        ab.run_variant(None, ablation_plan.make_variant("x"), 0, 0)
 
 
 def test_results_round_trip_and_bad_shards(tmp_path):
-    row = {**ab.make_variant("r16"), "seed": 0, "steps": 5, "losses": [1.234567891, 1.0]}
+    row = {**ablation_plan.make_variant("r16"), "seed": 0, "steps": 5, "losses": [1.234567891, 1.0]}
     a = ab.save_results([row], tmp_path / "a.json")
     meta, rows = ab.load_results(a)
     assert meta["steps"] == [5] and rows[0]["losses"] == [1.23457, 1.0]
@@ -92,12 +92,12 @@ def test_committed_full_grid_is_what_this_code_trains(offline_profile, data):
     # Retrain the committed baseline's first steps: the same batches, init and loop must give the
     # same losses, or the committed table describes code that no longer exists.
     meta, rows = ab.load_results(ab.FULL_RESULTS)
-    assert {r["name"] for r in rows} == {v["name"] for v in ab.grid(True)["variants"]}
+    assert {r["name"] for r in rows} == {v["name"] for v in ablation_plan.grid(True)["variants"]}
     assert all(len({r["seed"] for r in rows if r["name"] == n}) == 3 for n in {r["name"] for r in rows})
     ab.check_same_base(meta, offline_profile)  # a different base is a different model, not drift
     committed = next(r for r in rows if r["name"] == "r16" and r["seed"] == 0)
-    model, _ = ab.build_model(offline_profile, ab.make_variant("r16"), data, seed=0)
-    from qlora_helpers.sft import train_loop
+    model, _ = ab.build_model(offline_profile, ablation_plan.make_variant("r16"), data, seed=0)
+    from qlora_helpers.training import train_loop
     log = train_loop(model, ab.make_optimizer(model, committed), ab.train_batches(data, 12, 0), committed["lr"])
     # 2e-3: far above float-order noise (measured 4.8e-6 over 40 steps on the CPU the grid was
     # made on, and on an AVX-512 CPU with the same base), far below what a changed loop, init or
@@ -113,7 +113,7 @@ def test_a_different_base_is_reported_as_such(offline_profile):
 
 def test_verdict_words_follow_the_rule():
     rows = [{"name": n, "v": v} for n, v in [("a", 1.0), ("a", 1.2), ("b", 2.0), ("b", 2.2), ("c", 1.1)]]
-    assert ab.verdict(rows, "a", "b", "v") == ("a vs b: v 1.100 ± 0.141 vs 2.100 ± 0.141 over 2 seeds: "
+    assert seed_stats.verdict(rows, "a", "b", "v") == ("a vs b: v 1.100 ± 0.141 vs 2.100 ± 0.141 over 2 seeds: "
                                                "difference larger than 2 std")
-    assert ab.verdict(rows, "a", "c", "v") == "a vs c: v 1.100 vs 1.100, not enough seeds to judge"
-    assert ab.separated(rows, "a", "c", "v") is None
+    assert seed_stats.verdict(rows, "a", "c", "v") == "a vs c: v 1.100 vs 1.100, not enough seeds to judge"
+    assert seed_stats.separated(rows, "a", "c", "v") is None

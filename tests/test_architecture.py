@@ -84,3 +84,76 @@ def test_the_check_can_fail():
         == {"merge", "exercises", "exercises.lesson05"}
     assert kit_imports("from qlora_helpers.exercises import lesson06 as ex\nfrom qlora_helpers.exercises.lesson01 "
                        "import check_exercise_1") == {"exercises.lesson06", "exercises.lesson01"}
+
+
+# --- every name is imported from the module that defines it ---------------------------------------------
+def defined_names(module: str) -> set[str]:
+    """What ``qlora_helpers.<module>`` defines at its top level (functions, classes, assignments) and its
+    submodules; not what it merely imports."""
+    path = PKG.joinpath(*module.split("."))
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    names = {p.stem for p in path.parent.glob("*.py")} if path.name == "__init__.py" else set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def borrowed_names(source: str, package: str = "") -> list[str]:
+    """``from qlora_helpers.X import n`` and ``X.n`` (X a kit module bound by an import) where X does not
+    define n: an import through a module that only re-exports it."""
+    tree, aliases, found = ast.parse(source), {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                mod = ".".join([*base, mod] if mod else base)
+            elif mod.startswith("qlora_helpers"):
+                mod = mod.removeprefix("qlora_helpers").lstrip(".")
+            else:
+                continue
+            for a in node.names:
+                sub = f"{mod}.{a.name}" if mod else a.name
+                if is_module(sub):
+                    aliases[a.asname or a.name] = sub
+                elif mod and is_module(mod) and a.name not in defined_names(mod):
+                    found.append(f"from {mod} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("qlora_helpers.") and a.asname:
+                    aliases[a.asname] = a.name.removeprefix("qlora_helpers.")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            mod = aliases[node.value.id]
+            if node.attr not in defined_names(mod) and not node.attr.startswith("__"):
+                found.append(f"{node.value.id}.{node.attr} ({mod})")
+    return sorted(set(found))
+
+
+def _sources():
+    for path in sorted(PKG.rglob("*.py")):
+        name = module_name(path)
+        yield path.relative_to(ROOT), path.read_text(), name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        yield path.relative_to(ROOT), path.read_text(), ""
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        code = "\n".join("" if ln.lstrip().startswith(("%", "!")) else ln
+                         for c in cells for ln in "".join(c["source"]).splitlines())
+        yield path.relative_to(ROOT), code, ""
+
+
+@pytest.mark.parametrize("where,source,package", list(_sources()), ids=lambda x: str(x) if isinstance(x, Path) else "")
+def test_every_name_comes_from_its_definition(where, source, package):
+    assert not borrowed_names(source, package), f"{where}: import these from where they are defined"
+
+
+def test_the_borrowed_name_check_can_fail():
+    assert borrowed_names("from qlora_helpers.sft import train_loop") == ["from sft import train_loop"]
+    assert borrowed_names("from qlora_helpers import merge as M\nM.simulate_cpu_repack(m)") == \
+        ["M.simulate_cpu_repack (merge)"]
+    assert borrowed_names("from .training import train_loop", package="") == []

@@ -59,9 +59,9 @@ def test_load_model_defends_every_4bit_model(offline_profile, tok, forced_repack
 def test_ablation_runs_get_the_defended_base(offline_profile, forced_repack):
     """Notebook 06 evaluates the fresh base before training: on an AVX512-BF16 CPU that used to
     repack it and the adapters trained on garbage (exact match 0.000)."""
-    from qlora_helpers import ablations as ab
+    from qlora_helpers import ablation_plan, ablations as ab
     data = ab.load_task(offline_profile, n_test=4)
-    model, _ = ab.build_model(offline_profile, ab.make_variant("r16"), data, seed=0)
+    model, _ = ab.build_model(offline_profile, ablation_plan.make_variant("r16"), data, seed=0)
     ab.heldout_loss(model, data.eval_batches[:1])
     assert forced_repack == []
     cpu_layout.check_standard_layout(model)

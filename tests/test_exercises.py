@@ -2,7 +2,6 @@
 waits, a right answer passes, a wrong one fails with what is off. Checkers of lessons 01-03 and 05
 are tested beside their lesson's tests; these are the protocol and lessons 00, 04 and 06."""
 import pytest
-import torch
 
 from qlora_helpers import exercises
 from qlora_helpers.exercises import lesson00, lesson04, lesson06

@@ -69,8 +69,10 @@ def test_04_qlora_trainer_steps_on_fp16_numerics(t4, tmp_path):
     here; the model's own numbers are fp16 as on a T4."""
     from transformers import Trainer
     from qlora_helpers.recipe import recipe_for
-    from qlora_helpers.sft import TrainingHealthCallback, prepare_qlora_model, training_arguments
-    from qlora_helpers.sft_data import padded_collator, tokenize_dataset
+    from qlora_helpers.sft import TrainingHealthCallback, training_arguments
+    from qlora_helpers.recipe import prepare_qlora_model
+    from qlora_helpers.sft_data import tokenize_dataset
+    from qlora_helpers.chat_data import padded_collator
     tok = load_tokenizer(t4)
     recipe = recipe_for(t4).replace(steps=6, lr=3e-3)
     model = prepare_qlora_model(load_model(t4), recipe)
@@ -184,13 +186,13 @@ def test_05_the_kits_dequantization_is_bitsandbytes_on_fp16_states(t4):
     the state's dtype, fp16 there, and the kit's fp32 values were compared unrounded; and after a CPU
     repack converted back, bitsandbytes computes the block constants in fp16 too (28 of 28 layers
     differed by an fp16 ulp before the kit did the same)."""
-    from qlora_helpers import merge as M
+    from qlora_helpers import cpu_layout, merge as M
     model = load_model(t4)
-    layers = M.linear4bit_modules(model)
-    assert layers and {M.standard_layout(m)[1].dtype for m in layers.values()} == {t4.compute_dtype}
+    layers = cpu_layout.linear4bit_modules(model)
+    assert layers and {cpu_layout.standard_layout(m)[1].dtype for m in layers.values()} == {t4.compute_dtype}
     for name, m in layers.items():
         assert torch.equal(M.kit_dequantize_weight(m), M.dequantize_weight(m)), name
-    assert M.simulate_cpu_repack(model) == len(layers)          # what an evaluation does on an AVX512-BF16 CPU
-    assert M.standard_layout(next(iter(layers.values())))[1].state2.dtype == t4.compute_dtype
+    assert cpu_layout.simulate_cpu_repack(model) == len(layers)          # what an evaluation does on an AVX512-BF16 CPU
+    assert cpu_layout.standard_layout(next(iter(layers.values())))[1].state2.dtype == t4.compute_dtype
     for name, m in layers.items():
         assert torch.equal(M.kit_dequantize_weight(m), M.dequantize_weight(m)), name

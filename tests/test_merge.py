@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qlora_helpers import adapters, cpu_layout, merge as M
+from qlora_helpers import adapters, cpu_layout, evaluation, merge as M
 from qlora_helpers.exercises import lesson05 as ex05
 
 R = 4  # small for test speed
@@ -38,7 +38,7 @@ def lora_weights(plain) -> dict[str, torch.Tensor]:
 def test_kit_dequantization_equals_bitsandbytes(offline_profile):
     from bitsandbytes.functional import dequantize_4bit
     model = lora_4bit(offline_profile)
-    for name, m in M.linear4bit_modules(model).items():
+    for name, m in cpu_layout.linear4bit_modules(model).items():
         want = dequantize_4bit(m.weight.data, m.weight.quant_state).float()
         assert torch.equal(M.kit_dequantize_weight(m), want), name
         assert torch.equal(M.dequantize_weight(m), want), name
@@ -47,7 +47,7 @@ def test_kit_dequantization_equals_bitsandbytes(offline_profile):
 def test_merge_to_fp_equals_dequantized_base_plus_delta(offline_profile, texts, tok):
     model = lora_4bit(offline_profile)
     plain = M.merge_to_fp(model)
-    assert not M.linear4bit_modules(plain) and type(plain).__name__ == "LlamaForCausalLM"
+    assert not cpu_layout.linear4bit_modules(plain) and type(plain).__name__ == "LlamaForCausalLM"
     base = model.get_base_model()
     for name, w in lora_weights(plain).items():
         layer = base.get_submodule(name.removesuffix(".weight"))
@@ -55,8 +55,8 @@ def test_merge_to_fp_equals_dequantized_base_plus_delta(offline_profile, texts, 
         assert delta.abs().max() > 1e-3, f"{name}: zero update, the test would prove nothing"
         # independent of bitsandbytes: the kit's NF4 + double-quant dequantization
         assert torch.allclose(w - delta, M.kit_dequantize_weight(layer.get_base_layer()), atol=1e-6), name
-    ref, mask = M.logits_and_mask(model, tok, texts)
-    got, _ = M.logits_and_mask(plain, tok, texts)
+    ref, mask = evaluation.logits_and_mask(model, tok, texts)
+    got, _ = evaluation.logits_and_mask(plain, tok, texts)
     assert M.logit_gap(ref, got, mask)["max_abs_logit_diff"] < 1e-3  # fp32 reassociation only
 
 
@@ -64,12 +64,12 @@ def test_merge_to_fp_equals_peft_merge_on_dequantized_base(offline_profile, tmp_
     """Oracle: PEFT's own merge_and_unload into a full-precision model holding dequant(Q(W))."""
     from qlora_helpers.runtime import load_model
     model = lora_4bit(offline_profile)
-    M.save_adapter(model, tmp_path / "a")
+    adapters.save_adapter(model, tmp_path / "a")
     fp = load_model(offline_profile, quantized=False)
     base = model.get_base_model()
     with torch.no_grad():
         for name, m in base.named_modules():
-            if M.is_4bit(m):
+            if cpu_layout.is_4bit(m):
                 fp.get_submodule(name.removesuffix(".base_layer")).weight.copy_(M.dequantize_weight(m))
     want = lora_weights(M.merge_into_base(fp, tmp_path / "a"))
     got = lora_weights(M.merge_to_fp(model))
@@ -83,10 +83,10 @@ def test_repacked_weight_fools_dequantize_4bit_but_not_the_kit(offline_profile):
     is garbage; dequantize_weight converts a copy back and stays within the bf16 absmax rounding."""
     from bitsandbytes.functional import dequantize_4bit
     model = lora_4bit(offline_profile)
-    fresh = {n: M.dequantize_weight(m) for n, m in M.linear4bit_modules(model).items()}
-    assert M.simulate_cpu_repack(model) == len(fresh) == 28
-    for name, m in M.linear4bit_modules(model).items():
-        assert M.is_repacked(m)
+    fresh = {n: M.dequantize_weight(m) for n, m in cpu_layout.linear4bit_modules(model).items()}
+    assert cpu_layout.simulate_cpu_repack(model) == len(fresh) == 28
+    for name, m in cpu_layout.linear4bit_modules(model).items():
+        assert cpu_layout.is_repacked(m)
         try:
             naive = dequantize_4bit(m.weight.data, m.weight.quant_state).float().reshape(fresh[name].shape)
             assert (naive - fresh[name]).abs().max() > 0.01, f"{name}: the trap did not reproduce"
@@ -94,7 +94,7 @@ def test_repacked_weight_fools_dequantize_4bit_but_not_the_kit(offline_profile):
             if "trap did not reproduce" in str(err):
                 raise
         got = M.dequantize_weight(m)
-        assert M.is_repacked(m), "dequantize_weight must not change the module"
+        assert cpu_layout.is_repacked(m), "dequantize_weight must not change the module"
         # Note (bf16 absmax): absmax rounded to bf16 (2^-9 relative) then re-quantized to 8 bits:
         # bounded by 2% of the layer's largest weight (measured: < 0.5%).
         tol = 0.02 * fresh[name].abs().max()
@@ -105,23 +105,23 @@ def test_repacked_weight_fools_dequantize_4bit_but_not_the_kit(offline_profile):
 def test_merge_after_repack_matches_fresh_merge(offline_profile):
     model = lora_4bit(offline_profile)
     fresh = lora_weights(M.merge_to_fp(model))
-    M.simulate_cpu_repack(model)
+    cpu_layout.simulate_cpu_repack(model)
     after = lora_weights(M.merge_to_fp(model))
     for k in fresh:
         assert (after[k] - fresh[k]).abs().max() <= 0.02 * fresh[k].abs().max(), k
     # what PEFT's 4-bit merge would read without the defence
     from peft.utils.integrations import dequantize_bnb_weight
-    m = M.linear4bit_modules(model)["base_model.model.model.layers.0.mlp.up_proj.base_layer"]
+    m = cpu_layout.linear4bit_modules(model)["base_model.model.model.layers.0.mlp.up_proj.base_layer"]
     naive = dequantize_bnb_weight(m.weight).float().reshape(m.out_features, m.in_features)
     assert (naive - M.dequantize_weight(m)).abs().max() > 0.01
 
 
 def test_merge_into_4bit_after_repack_matches_fresh(offline_profile):
     a, b = lora_4bit(offline_profile), lora_4bit(offline_profile)
-    M.simulate_cpu_repack(b)
+    cpu_layout.simulate_cpu_repack(b)
     ma, mb = M.merge_into_4bit(a), M.merge_into_4bit(b)
-    qa, qb = M.linear4bit_modules(ma), M.linear4bit_modules(mb)
-    assert qa.keys() == qb.keys() and not any(M.is_repacked(m) for m in qb.values())
+    qa, qb = cpu_layout.linear4bit_modules(ma), cpu_layout.linear4bit_modules(mb)
+    assert qa.keys() == qb.keys() and not any(cpu_layout.is_repacked(m) for m in qb.values())
     for k in qa:
         wa, wb = M.dequantize_weight(qa[k]), M.dequantize_weight(qb[k])
         # re-quantizing a slightly different W + ΔW flips a few NF4 codes (measured: <= 0.16% of
@@ -140,11 +140,11 @@ def test_evaluate_then_merge_is_exact_with_repack_switched_off(offline_profile, 
     model = lora_4bit(offline_profile)
     fresh = lora_weights(M.merge_to_fp(model))
     cpu_layout.pretend_avx512bf16(model)  # as on a CPU with AVX512-BF16
-    M.logits_and_mask(model, tok, texts)
+    evaluation.logits_and_mask(model, tok, texts)
     assert calls, "an eval no-grad forward should trigger the repack on such a CPU"
     calls.clear()
-    M.keep_standard_layout(model)
-    M.logits_and_mask(model, tok, texts)
+    cpu_layout.keep_standard_layout(model)
+    evaluation.logits_and_mask(model, tok, texts)
     assert not calls
     after = lora_weights(M.merge_to_fp(model))
     assert all(torch.equal(after[k], fresh[k]) for k in fresh)
@@ -157,8 +157,8 @@ def test_save_and_reload_without_peft(offline_profile, tok, texts, tmp_path):
     assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     again = AutoModelForCausalLM.from_pretrained(path)
-    a, mask = M.logits_and_mask(plain, tok, texts)
-    b, _ = M.logits_and_mask(again, tok, texts)
+    a, mask = evaluation.logits_and_mask(plain, tok, texts)
+    b, _ = evaluation.logits_and_mask(again, tok, texts)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="plain merged model"):
         M.save_merged(lora_4bit(offline_profile), tok, tmp_path / "nope")
@@ -167,31 +167,32 @@ def test_save_and_reload_without_peft(offline_profile, tok, texts, tmp_path):
 def test_adapter_of_another_shape_is_refused(offline_profile, tmp_path):
     from transformers import AutoModelForCausalLM
     from qlora_helpers.runtime import load_model
-    M.save_adapter(lora_4bit(offline_profile), tmp_path / "a")
+    adapters.save_adapter(lora_4bit(offline_profile), tmp_path / "a")
     fp = load_model(offline_profile, quantized=False)
     cfg = fp.config.__class__.from_dict({**fp.config.to_dict(), "intermediate_size": 256})
     other = AutoModelForCausalLM.from_config(cfg)  # another base: narrower MLP
-    with pytest.raises(M.AdapterMismatchError, match=r"mlp\.down_proj\.lora_A has shape \(4, 384\).*must be \(4, 256\)"):
+    with pytest.raises(adapters.AdapterMismatchError, match=r"mlp\.down_proj\.lora_A has shape \(4, 384\).*must be \(4, 256\)"):
         M.merge_into_base(other, tmp_path / "a")
     info = json.loads((tmp_path / "a" / adapters.BASE_INFO_FILE).read_text())
     (tmp_path / "a" / adapters.BASE_INFO_FILE).write_text(json.dumps({**info, "model_type": "qwen2"}))
-    with pytest.raises(M.AdapterMismatchError, match="model_type 'qwen2'"):
-        M.load_adapter(fp, tmp_path / "a")
-    with pytest.raises(M.AdapterMismatchError, match="no adapter_config.json"):
-        M.check_adapter_matches(fp, tmp_path)
+    with pytest.raises(adapters.AdapterMismatchError, match="model_type 'qwen2'"):
+        adapters.load_adapter(fp, tmp_path / "a")
+    with pytest.raises(adapters.AdapterMismatchError, match="no adapter_config.json"):
+        adapters.check_adapter_matches(fp, tmp_path)
 
 
 def test_train_adapter_trains_only_lora(offline_profile, tok):
     # merge.train_adapter is what notebook 05 trains when 04's adapter is missing: the shared loop
-    # (sft.train_loop) on the 4-bit base must lower the loss and leave the base bytes alone.
+    # (training.train_loop) on the 4-bit base must lower the loss and leave the base bytes alone.
     from peft import get_peft_model
     from qlora_helpers.runtime import load_model, load_task_dataset
+    from qlora_helpers.recipe import KIT_LOOP
     from qlora_helpers.sft import base_tensor_hashes, lora_config
     torch.manual_seed(0)
     model = get_peft_model(load_model(offline_profile), lora_config(r=R, lora_alpha=2 * R))
     before = base_tensor_hashes(model)
     losses = M.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)),
-                             M.KIT_LOOP.replace(steps=12, lr=5e-3))
+                             KIT_LOOP.replace(steps=12, lr=5e-3))
     assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses  # measured ~4.9 -> ~2
     assert base_tensor_hashes(model) == before and not model.training
 
@@ -262,10 +263,10 @@ def test_a_changed_recipe_trains_anew_instead_of_reloading_the_old_adapter(offli
     M.task_adapter(offline_profile, small, name="fixed")
     _, other_r = M.task_adapter(offline_profile, small.replace(r=8), name="fixed")
     assert other_r["trained"] and "trained by another recipe" in capsys.readouterr().out
-    assert M.recipe_fingerprint(other_r["path"]) == small.replace(r=8).fingerprint()
+    assert adapters.recipe_fingerprint(other_r["path"]) == small.replace(r=8).fingerprint()
     # notebook 05 takes notebook 04's adapter when 04's current recipe trained it
     model, _ = M.task_adapter(offline_profile, small, name="x")
-    M.save_adapter(model, M.adapter_dir(M.NB04_ADAPTER), recipe_for(offline_profile))
+    adapters.save_adapter(model, adapters.adapter_dir(adapters.NB04_ADAPTER), recipe_for(offline_profile))
     assert M.nb04_adapter(offline_profile)[1]["trained"] is False
 
 

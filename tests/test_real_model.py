@@ -7,6 +7,7 @@ import torch
 
 from qlora_helpers import real_model
 from qlora_helpers.artifacts import ArtifactMismatchError
+from qlora_helpers.offline import cache_root
 
 
 def test_converted_files_are_the_pinned_bytes(real_profile):
@@ -70,7 +71,7 @@ def test_a_fresh_machine_gets_the_model_files_before_anything_loads_them(real_pr
     import shutil
     from qlora_helpers.memory import count_params
     from qlora_helpers.runtime import get_profile
-    converted, wheels = real_model.model_dir(), real_model.cache_root() / "wheels"
+    converted, wheels = real_model.model_dir(), cache_root() / "wheels"
     monkeypatch.setenv(real_model.WHEELHOUSE_ENV, str(wheels))
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
     monkeypatch.setattr(real_model, "convert_gguf", lambda gguf, out: shutil.copytree(   # links, not 540 MB of copies

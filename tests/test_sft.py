@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_helpers.sft import (TrainingAlarm, TrainingHealthCallback, check_loss, lora_config,
-                               lora_parameters, precision_flags, prepare_qlora_model,
-                               training_arguments)
-from qlora_helpers.sft_data import (IGNORE_INDEX, packed_collator, packing_error, pad_share,
-                                    padded_collator, show_labels, tokenize_chat, tokenize_dataset)
+from qlora_helpers.sft import TrainingHealthCallback, lora_config, lora_parameters, precision_flags, training_arguments
+from qlora_helpers.recipe import prepare_qlora_model
+from qlora_helpers.training import TrainingAlarm, check_loss
+from qlora_helpers.sft_data import packed_collator, packing_error, pad_share, show_labels, tokenize_chat, tokenize_dataset
+from qlora_helpers.chat_data import IGNORE_INDEX, padded_collator
 
 ROW = {"messages": [{"role": "user", "content": "Rewrite the date 2024-03-17 as DD/MM/YYYY."},
                     {"role": "assistant", "content": "17/03/2024"}]}
@@ -116,7 +116,7 @@ class _State:
 
 # ---- the plain loop shared by merge.train_adapter and the ablations ------------------------------
 def test_warmup_then_constant():
-    from qlora_helpers.sft import warmup_lr
+    from qlora_helpers.training import warmup_lr
     assert [warmup_lr(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
@@ -142,7 +142,7 @@ def _date_rows(n):
 
 
 def test_saved_tensor_bytes_by_hand():
-    from qlora_helpers.measured_memory import saved_tensor_bytes
+    from qlora_helpers.training import saved_tensor_bytes
     w = torch.nn.Parameter(torch.randn(64, 32))
     x = torch.randn(10, 64)
     with saved_tensor_bytes() as saved:
@@ -155,7 +155,7 @@ def test_saved_tensor_bytes_by_hand():
 
 def test_train_loop_schedules_clips_and_counts(offline_profile, tok):
     from qlora_helpers.runtime import load_model
-    from qlora_helpers.sft import train_loop
+    from qlora_helpers.training import train_loop
     from qlora_helpers.sft_data import shuffled_batches
     torch.manual_seed(0)
     model = prepare_qlora_model(load_model(offline_profile), lora_config(8, 16, 0.0), gradient_checkpointing=False)

@@ -7,7 +7,8 @@ and collator, and the model's loss on the kit's padded batch.
 import pytest
 import torch
 
-from qlora_helpers.sft_data import IGNORE_INDEX, padded_collator, tokenize_chat, tokenize_dataset
+from qlora_helpers.sft_data import tokenize_chat, tokenize_dataset
+from qlora_helpers.chat_data import IGNORE_INDEX, padded_collator
 from qlora_helpers.trl_sft import compare_labels, loss_gaps, sft_config, training_chat_template, unpacked_rows
 
 
@@ -62,7 +63,8 @@ def test_trl_packed_dataset_holds_the_kit_rows(offline_profile, tok, tmp_path, a
     kit's labels; without assistant_only_loss TRL trains on the prompt too and no row matches."""
     from trl import SFTTrainer
     from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer, quiet_datasets
-    from qlora_helpers.sft import lora_config, prepare_qlora_model
+    from qlora_helpers.sft import lora_config
+    from qlora_helpers.recipe import prepare_qlora_model
     rows = load_task_dataset(offline_profile)["train"].select(range(64))
     trl_tok = load_tokenizer(offline_profile)
     trl_tok.chat_template = training_chat_template(trl_tok)

@@ -7,7 +7,8 @@ import torch
 from ..chat_data import IGNORE_INDEX
 from ..recipe import QLORA_PAPER, recipe_for
 from ..runtime import load_model
-from ..sft import TrainingHealthCallback, prepare_qlora_model, training_arguments
+from ..sft import TrainingHealthCallback, training_arguments
+from ..recipe import prepare_qlora_model
 from . import attempted, expect
 
 

@@ -2,7 +2,7 @@
 :mod:`qlora_helpers.exercises`."""
 from __future__ import annotations
 
-from ..ablations import TARGETS
+from ..ablation_plan import TARGETS
 from ..lora import llama_lora_param_count
 from . import attempted, expect
 
