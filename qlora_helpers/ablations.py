@@ -57,7 +57,7 @@ from . import sft_data
 from .chat_data import padded_collator
 from .recipe import prepare_qlora_model
 from .evaluation import exact_match
-from .training import model_loss, on_model_device, train_loop
+from .training import build_optimizer, model_loss, on_model_device, train_loop
 # Statistics over seeds, the grid's figures and the plan (baseline, variants, grids) live in modules of
 # their own; notebook 06 imports them from there.
 from .ablation_plots import plot_curves, plot_rank, plot_spread
@@ -113,14 +113,15 @@ def build_model(profile, variant: dict, data: TaskData, seed: int):
 
 
 def make_optimizer(model, variant: dict):
-    """AdamW over the trainable weights, or PEFT's LoRA-FA (A frozen, B's gradient projected)."""
+    """AdamW over the trainable weights, or PEFT's LoRA-FA (A frozen, B's gradient projected). The variant's
+    ``optimizer`` names a method of the grid ("adamw" or "lorafa", as the committed results record it)."""
     if variant["optimizer"] == "lorafa":
         from peft.optimizers import create_lorafa_optimizer
         return create_lorafa_optimizer(model, r=variant["r"], lora_alpha=variant["lora_alpha"],
                                        lr=variant["lr"])
     recipe = variant_recipe(variant)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
-                             weight_decay=recipe.weight_decay)
+    return build_optimizer("adamw_torch", [p for p in model.parameters() if p.requires_grad], recipe.lr,
+                           recipe.weight_decay)
 
 
 def state_bytes(model, optimizer) -> int:

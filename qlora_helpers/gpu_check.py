@@ -158,14 +158,14 @@ def check_linear4bit(ctx: Context):
 
 def check_paged_adamw8bit(ctx: Context):
     """Row 3: one ``PagedAdamW8bit`` step on a LoRA pair (A random, B zero) with random gradients."""
-    import bitsandbytes as bnb
+    from .training import build_optimizer
     from .recipe import recipe_for
     g = torch.Generator().manual_seed(SEED)
     r, d = 16, 256                            # A (16, 256) and B (256, 16): 4096 values each, 8-bit states
     a = torch.nn.Parameter((torch.randn(r, d, generator=g) * 0.01).to(ctx.device))   # (r, in)
     b = torch.nn.Parameter(torch.zeros(d, r).to(ctx.device))                         # (out, r) LoRA's zero B
     before = [a.detach().clone(), b.detach().clone()]
-    opt = bnb.optim.PagedAdamW8bit([a, b], lr=recipe_for(ctx.profile).lr)
+    opt = build_optimizer("paged_adamw_8bit", [a, b], lr=recipe_for(ctx.profile).lr)
     for p in (a, b):
         p.grad = torch.randn(p.shape, generator=g).to(ctx.device)
     with warnings.catch_warnings(record=True) as seen:
@@ -334,7 +334,7 @@ def check_memory(ctx: Context):
     name = p.model if p.model in KNOWN_CONFIGS else p.model_files()
     plan = estimate_memory(name, "qlora", r=recipe.r, batch_size=recipe.batch_size, seq_len=ctx.notes["seq_len"],
                            gradient_checkpointing=recipe.gradient_checkpointing,
-                           optimizer="paged_adamw_8bit" if p.optimizer == "paged_adamw_8bit" else "adamw",
+                           optimizer=p.optimizer,
                            cuda_context_gib=0, fragmentation=0)   # max_memory_allocated sees no CUDA context
     peak = ctx.notes["peak_bytes"]
     return (peak <= plan.total, f"peak {peak / MiB:.1f} MiB (max_memory_allocated)",

@@ -403,9 +403,9 @@ def train_steps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr
     :func:`inject_lora`: A and B only), constant learning rate, no clipping, the loss
     :func:`lm_loss`; returns the training losses. The loop is the kit's one
     (:func:`qlora_helpers.training.train_loop`). ``lr`` has no default: each lesson says its own."""
-    from .training import train_loop
+    from .training import build_optimizer, train_loop
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = build_optimizer("adamw_torch", params, lr, weight_decay)
     log = train_loop(model, opt, batches, lr, schedule=lambda step: lr, max_grad_norm=None, loss_fn=lm_loss)
     model.eval()
     return log["losses"]

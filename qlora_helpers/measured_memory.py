@@ -12,6 +12,7 @@ import torch
 
 from .double_quant import measured_bytes
 from .recipe import prepare_qlora_model
+from .training import OPTIMIZERS, build_optimizer
 
 
 def _tensor_bytes(tensors) -> int:
@@ -60,9 +61,8 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
     Raises:
         RuntimeError: the model is not on a CUDA GPU (on the CPU, notebook 03 measures the same
             components one by one instead: :func:`loaded_model_bytes`, :func:`optimizer_bytes`).
-        ValueError: an optimizer other than ``"adamw"``, ``"adamw_8bit"``, ``"paged_adamw_8bit"``.
+        ValueError: an optimizer not in :data:`qlora_helpers.training.OPTIMIZERS`.
     """
-    import bitsandbytes as bnb
     device = next(model.parameters()).device
     if compute_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"compute_dtype={compute_dtype}: a GPU run computes in torch.float16 (T4) or "
@@ -70,12 +70,10 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
     if device.type != "cuda":
         raise RuntimeError(f"gpu_training_peak measures CUDA memory, but the model is on {device}. Load it "
                            f"in the gpu profile (QLORA_KIT_PROFILE=gpu on a CUDA GPU, e.g. Colab's T4).")
-    makers = {"adamw": torch.optim.AdamW, "adamw_8bit": bnb.optim.AdamW8bit,
-              "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
-    if optimizer not in makers:
-        raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(makers)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     model = prepare_qlora_model(model, recipe)
-    opt = makers[optimizer]([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
+    opt = build_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -55,9 +55,10 @@ from pathlib import Path
 from .double_quant import storage_bytes
 from .nf4 import DEFAULT_BLOCKSIZE
 from .recipe import KIT_SFT, check_rank
+from .training import OPTIMIZERS
 
 __all__ = [
-    "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS", "OPTIMIZERS",
+    "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS",
     "load_config", "count_params", "linear_shapes", "lora_shapes", "nf4_bytes",
     "optimizer_state_bytes", "activation_bytes", "MemoryEstimate", "estimate_memory", "Fit", "will_it_fit",
     "main",
@@ -126,7 +127,6 @@ ONLINE_TABLE_GB = {   # the table learners meet online: full / 16-bit LoRA / QLo
     "7B": (120, 16, 6), "13B": (240, 32, 12), "30B": (600, 64, 24), "65B": (1200, 160, 48), "70B": (1200, 160, 48),
 }
 METHODS = ("full_fp32", "full_mixed", "lora16", "qlora", "qlora_no_dq")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,28 +278,28 @@ def nf4_bytes(config, double_quant: bool = True, blocksize: int = DEFAULT_BLOCKS
     return {"weights": weights, "constants": constants, "n_quantized": n_quant, "n_layers": n_layers}
 
 
-def optimizer_state_bytes(shapes, optimizer: str = "adamw", min_8bit_size: int = 4096) -> int:
+def optimizer_state_bytes(shapes, optimizer: str = "adamw_torch", min_8bit_size: int = 4096) -> int:
     """Bytes of the optimizer state for trainable tensors of ``shapes`` (assumption A3).
 
     Args:
         shapes: list of tensor shapes (tuples).
-        optimizer: "adamw" (torch), "adamw_8bit" or "paged_adamw_8bit" (bitsandbytes).
+        optimizer: "adamw_torch", "adamw_8bit" or "paged_adamw_8bit" (bitsandbytes): TrainingArguments.optim names.
         min_8bit_size: bitsandbytes keeps 32-bit states for tensors smaller than this.
     Returns:
         bytes, exact for torch AdamW and bitsandbytes' 8-bit AdamW after the first step.
     """
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
     total = 0
     for shape in shapes:
         n = math.prod(shape)
-        if optimizer == "adamw":
+        if optimizer == "adamw_torch":
             total += 2 * 4 * n + 4                                     # exp_avg + exp_avg_sq fp32, step fp32
         elif n < min_8bit_size:
             total += 2 * 4 * n                                         # small tensor: 32-bit states, int step
         else:
             total += 2 * n + 2 * 4 * -(-n // 256)                      # 2 uint8 states + fp32 absmax per 256
-    if optimizer != "adamw":
+    if optimizer != "adamw_torch":
         total += 2 * 256 * 4                                           # the two 256-entry maps, once
     return total
 
@@ -368,7 +368,7 @@ def _weights(config, method: str, n_params: int, upcast_non_quantized: bool) -> 
 
 def estimate_memory(config, method: str = "qlora", r: int = KIT_SFT.r, target_modules=KIT_SFT.target_modules,
                     batch_size: int = 1, seq_len: int = 512, gradient_checkpointing: bool = True,
-                    optimizer: str = "adamw", upcast_non_quantized: bool = True,
+                    optimizer: str = "adamw_torch", upcast_non_quantized: bool = True,
                     cuda_context_gib: float = 0.5, fragmentation: float = 0.10,
                     adapter_bytes: int = 4) -> MemoryEstimate:
     """Peak GPU memory of a fine-tuning run, per component (assumptions A1-A5, module docstring).
@@ -378,7 +378,7 @@ def estimate_memory(config, method: str = "qlora", r: int = KIT_SFT.r, target_mo
         method: one of :data:`METHODS`.
         r, target_modules: the LoRA adapter (ignored for full fine-tuning).
         batch_size, seq_len, gradient_checkpointing: decide the activations (A4).
-        optimizer: "adamw" (32-bit), "adamw_8bit" or "paged_adamw_8bit".
+        optimizer: "adamw_torch" (32-bit), "adamw_8bit" or "paged_adamw_8bit" (TrainingArguments.optim names).
         upcast_non_quantized: QLoRA's non-NF4 parameters in fp32 (prepare_model_for_kbit_training).
         adapter_bytes: bytes per LoRA parameter and per gradient: 4 (fp32, PEFT's default today,
             A2) or 2 (bf16, as the paper's ``qlora.py`` cast its LoRA modules).
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
-    ap.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZERS)
+    ap.add_argument("--optimizer", default="paged_adamw_8bit", choices=list(OPTIMIZERS))
     args = ap.parse_args(argv)
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     try:

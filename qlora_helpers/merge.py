@@ -59,11 +59,11 @@ def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
     Returns:
         The loss of every step. The model is left in eval mode.
     """
-    from .training import train_loop
+    from .training import build_optimizer, train_loop
     from .sft_data import shuffled_batches, tokenize_dataset
     batches = shuffled_batches(tokenize_dataset(rows, tok), tok, recipe.steps, recipe.seed, recipe.batch_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
-                            weight_decay=recipe.weight_decay)
+    opt = build_optimizer("adamw_torch", [p for p in model.parameters() if p.requires_grad], recipe.lr,
+                          recipe.weight_decay)
     losses = train_loop(model, opt, batches, recipe.lr, recipe.warmup_steps, recipe.max_grad_norm)["losses"]
     opt.zero_grad(set_to_none=True)
     model.eval()

@@ -206,10 +206,10 @@ def pretrain(model, token_ids: list[int], steps: int = 600, batch_size: int = 16
     (:func:`qlora_helpers.training.train_loop`): AdamW (betas 0.9/0.95, weight decay 0.1), linear
     warm-up over 5% of the steps then a cosine to zero, gradients clipped to 1.0."""
     import torch
-    from .training import train_loop
+    from .training import build_optimizer, train_loop
     g = torch.Generator().manual_seed(seed)
     data = torch.tensor(token_ids, dtype=torch.long)  # (n_tokens,)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = build_optimizer("adamw_torch", model.parameters(), lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
 
     def cosine(s: int) -> float:  # linear warm-up, then a cosine to zero

@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from .recipe import KIT_SFT, Recipe, prepare_qlora_model, recipe_for
-from .training import TrainingAlarm, check_loss, train_loop
+from .training import TrainingAlarm, build_optimizer, check_loss, train_loop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def tokens_per_second(model, batches: list[dict], optimizer=None) -> dict[str, f
     if len(batches) < 2:
         raise ValueError(f"tokens_per_second needs at least 2 batches (the first is a warm-up), got {len(batches)}")
     if optimizer is None:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        optimizer = build_optimizer("adamw_torch", [p for p in model.parameters() if p.requires_grad], lr=0.0)
     lr = optimizer.param_groups[0]["lr"]
     train_loop(model, optimizer, batches[:1], lr=lr, warmup=0)
     seconds = train_loop(model, optimizer, batches[1:], lr=lr, warmup=0)["seconds"]
@@ -282,7 +282,7 @@ def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int 
     planner_name = profile.model if profile.model in KNOWN_CONFIGS else profile.model_files()
     plan = estimate_memory(planner_name, "qlora", r=recipe.r, batch_size=recipe.batch_size, seq_len=seq_len,
                            gradient_checkpointing=recipe.gradient_checkpointing,
-                           optimizer="paged_adamw_8bit" if profile.optimizer == "paged_adamw_8bit" else "adamw",
+                           optimizer=profile.optimizer,
                            cuda_context_gib=0, fragmentation=0)
     return {"model": profile.model, "steps": recipe.steps, "em_before": em_before, "em_after": em_after,
             "losses": [h["loss"] for h in health.history], "train_seconds": seconds, "peak_bytes": peak,

@@ -10,6 +10,8 @@ clipping norm. transformers' ``Trainer`` (notebook 04) is the production way to 
 
 :func:`check_loss` raises :class:`TrainingAlarm` on a loss that means training broke (NaN, inf,
 exactly zero); :class:`saved_tensor_bytes` counts the activations autograd keeps for backward.
+:func:`build_optimizer` is the one way the kit makes an optimizer, named as ``TrainingArguments.optim``
+names it (:data:`OPTIMIZERS`), so the loop, ``Trainer``, the planner and the profiles share one vocabulary.
 """
 from __future__ import annotations
 
@@ -46,6 +48,34 @@ def check_loss(loss: float, step: int, zero_tol: float = 1e-6) -> None:
             f"loss is {loss} at step {step}: a language-model loss is never exactly 0. Likely fix: if "
             f"fp16, switch to bf16/fp32 (a known fp16 failure logs 0.0); check that not every label is "
             f"-100 (response-only masking with a too-short max_length).")
+
+
+# The optimizers the kit uses, by their TrainingArguments.optim names (the one vocabulary), built as Trainer
+# builds each name (tests/test_runtime.py checks it against transformers' own choice): module, class, settings.
+OPTIMIZERS = {
+    "adamw_torch": ("torch.optim", "AdamW", {}),                                    # fp32 states: 8 B a weight
+    "adamw_8bit": ("bitsandbytes.optim", "AdamW", {"optim_bits": 8}),               # 8-bit states, blockwise
+    "paged_adamw_8bit": ("bitsandbytes.optim", "AdamW", {"optim_bits": 8, "is_paged": True}),  # paged (CUDA)
+}
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, **kwargs):
+    """The optimizer called ``name`` (a key of :data:`OPTIMIZERS`) over ``params``.
+
+    >>> import torch
+    >>> type(build_optimizer("adamw_torch", [torch.nn.Parameter(torch.zeros(2))], lr=1e-3)).__name__
+    'AdamW'
+
+    Raises:
+        ValueError: a name the kit does not use, with the ones it does.
+    """
+    import importlib
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is not one of the kit's ({', '.join(OPTIMIZERS)}); these are "
+                         f"TrainingArguments.optim names")
+    module, cls, settings = OPTIMIZERS[name]
+    return getattr(importlib.import_module(module), cls)(params, lr=lr, weight_decay=weight_decay,
+                                                         **settings, **kwargs)
 
 
 def warmup_lr(step: int, lr: float, warmup: int = Recipe.warmup_steps) -> float:

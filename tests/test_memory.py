@@ -107,7 +107,7 @@ def test_prediction_equals_measurement(offline_profile):
     shapes = M.lora_shapes(src, 32)
     assert sorted(tuple(p.shape) for p in train) == sorted(shapes)
     x = torch.randint(0, 2048, (2, 16))
-    for name, cls in [("adamw", torch.optim.AdamW), ("adamw_8bit", bnb.optim.AdamW8bit)]:
+    for name, cls in [("adamw_torch", torch.optim.AdamW), ("adamw_8bit", bnb.optim.AdamW8bit)]:
         opt = cls(train, lr=1e-4)
         peft(input_ids=x, labels=x, use_cache=False).loss.backward()
         opt.step()

@@ -17,16 +17,28 @@ def test_compute_dtype_follows_capability_not_is_bf16_supported(cap, dtype, monk
 
 
 def test_the_optimizer_names_are_ones_transformers_builds():
-    """optimizer_for's names are TrainingArguments.optim values, and Trainer builds from them what the profile
-    means: bitsandbytes' paged 8-bit AdamW on a GPU, torch's AdamW on the CPU (transformers is the oracle)."""
+    """One vocabulary: every name of training.OPTIMIZERS (and so every profile's optimizer) is a
+    TrainingArguments.optim value, and build_optimizer makes what Trainer makes for it: bitsandbytes' paged
+    8-bit AdamW on a GPU, torch's AdamW on the CPU (transformers is the oracle)."""
     import bitsandbytes as bnb
     from transformers import Trainer, TrainingArguments
+    from qlora_helpers.training import OPTIMIZERS, build_optimizer
 
-    def built(device):
-        return Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", optim=optimizer_for(device)))
-    assert built("cpu")[0] is torch.optim.AdamW
-    cls, kwargs = built("cuda")
+    def trainer_builds(name):
+        return Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", optim=name))
+    assert {optimizer_for("cpu"), optimizer_for("cuda")} <= set(OPTIMIZERS)
+    param = [torch.nn.Parameter(torch.zeros(4096))]
+    for name in OPTIMIZERS:
+        cls, kwargs = trainer_builds(name)
+        ours = build_optimizer(name, param, lr=1e-3)
+        assert isinstance(ours, cls), (name, type(ours), cls)
+        if cls is bnb.optim.AdamW:     # transformers builds bitsandbytes' AdamW with these flags
+            assert (ours.args.optim_bits, ours.is_paged) == (kwargs["optim_bits"], kwargs.get("is_paged", False)), name
+    assert trainer_builds(optimizer_for("cpu"))[0] is torch.optim.AdamW
+    cls, kwargs = trainer_builds(optimizer_for("cuda"))
     assert cls is bnb.optim.AdamW and kwargs["is_paged"] and kwargs["optim_bits"] == 8
+    with pytest.raises(ValueError, match="'sgd' is not one of the kit's"):
+        build_optimizer("sgd", param, lr=1e-3)
     with pytest.raises(ValueError, match="capability"):
         compute_dtype_for("cuda")
 

@@ -280,6 +280,6 @@ def test_run_sft_is_the_lesson_in_one_call(offline_profile, tmp_path):
     assert got["seq_len"] == max(len(x) for x in rows["input_ids"])
     plan = estimate_memory(offline_profile.model_files(), "qlora", r=recipe.r, batch_size=recipe.batch_size,
                            seq_len=got["seq_len"], gradient_checkpointing=recipe.gradient_checkpointing,
-                           optimizer="adamw", cuda_context_gib=0, fragmentation=0)   # tensors only, as the peak counts
+                           optimizer="adamw_torch", cuda_context_gib=0, fragmentation=0)   # tensors only, as the peak counts
     assert got["planned_bytes"] == plan.total
     assert got["em_before"] == 0.0                           # the base cannot do the task (notebook 00)
