@@ -77,7 +77,7 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps):
+    for _ in range(steps):   # not train_loop: the steps must run under CUDA autocast, and only the peak is kept
         with torch.autocast("cuda", dtype=compute_dtype):
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         opt.step()
