@@ -7,7 +7,8 @@ trained on) and, when a recipe made it, ``kit_recipe.json`` (that recipe and its
 onto the wrong base fails early and by name (:class:`AdapterMismatchError`: the model type, a layer the
 base lacks, or a shape that does not fit), not deep inside PEFT. Trained adapters live in the kit's cache,
 ``$QLORA_KIT_CACHE/adapters/<name>`` (:func:`adapter_dir`); a cached one is reused only for the recipe that
-trained it (:func:`recipe_fingerprint`, :func:`qlora_helpers.merge.task_adapter`).
+trained it (:func:`recipe_fingerprint`, :func:`task_adapter`). The task adapter itself is trained here too
+(:func:`task_adapter`, :func:`nb04_adapter`: notebook 05 merges what notebook 04 trained, or a stand-in).
 
 Production code it is checked against: peft 0.21.2 ``PeftModel.save_pretrained`` /
 ``from_pretrained``.
@@ -17,7 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
+
+from .recipe import KIT_LOOP, Recipe, recipe_for
 
 ADAPTER_NAME = "date-task"  # the kit's task adapters: $QLORA_KIT_CACHE/adapters/date-task-<recipe fingerprint>
 
@@ -126,3 +130,70 @@ def load_adapter(base: nn.Module, path: str | Path):
     from peft import PeftModel
     check_adapter_matches(base, path)
     return PeftModel.from_pretrained(base, str(path)).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The task adapter: trained once on the 4-bit base, cached with the recipe that made it
+# ---------------------------------------------------------------------------------------------
+def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
+    """AdamW on the trainable (LoRA) weights over chat rows, with the kit's plain loop
+    (:func:`qlora_helpers.training.train_loop`: linear warm-up, then constant lr, gradients clipped).
+
+    Args:
+        model: a ``PeftModel`` (only its LoRA weights require grad). tok: its tokenizer.
+        rows: a ``datasets.Dataset`` with ``messages``.
+        recipe: steps, lr, warm-up, clipping, weight decay, batch size and seed (the batch order).
+    Returns:
+        The loss of every step. The model is left in eval mode.
+    """
+    from .training import build_optimizer, train_loop
+    from .sft_data import shuffled_batches, tokenize_dataset
+    batches = shuffled_batches(tokenize_dataset(rows, tok), tok, recipe.steps, recipe.seed, recipe.batch_size)
+    opt = build_optimizer("adamw_torch", [p for p in model.parameters() if p.requires_grad], recipe.lr,
+                          recipe.weight_decay)
+    losses = train_loop(model, opt, batches, recipe.lr, recipe.warmup_steps, recipe.max_grad_norm)["losses"]
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return losses
+
+
+def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, retrain: bool = False,
+                 also_accept: tuple[Recipe, ...] = ()):
+    """The date-task adapter (LoRA on all linear layers) on the profile's 4-bit base.
+
+    Loads ``$QLORA_KIT_CACHE/adapters/<name>`` if it is there *and* was trained by ``recipe`` (or one of
+    ``also_accept``), as its ``kit_recipe.json`` records; else trains it with :func:`train_adapter` (the
+    offline profile: about a minute on one CPU core) and saves it (``adapter_model.safetensors`` +
+    ``adapter_config.json`` + the recipe). So a changed recipe trains anew instead of reloading an
+    adapter an older recipe made.
+
+    Args:
+        profile: a :class:`qlora_helpers.runtime.Profile`. recipe: what to train if training.
+        name: cache folder name (default: ``date-task-<the recipe's fingerprint>``). retrain: ignore the cache.
+        also_accept: other recipes whose adapter may be loaded under ``name`` (notebook 05 takes the one
+            notebook 04 trained with its recipe, else trains a stand-in with ``recipe``).
+    Returns:
+        ``(peft_model, info)``: the model in eval mode (its base loaded by ``load_model``, so the
+        CPU repack is switched off), and ``{"path", "trained", "losses"}``.
+    """
+    from .runtime import load_model, load_task_dataset, load_tokenizer
+    path = adapter_dir(name or f"{ADAPTER_NAME}-{recipe.fingerprint()}")
+    base = load_model(profile)  # 4-bit, CPU repack switched off (qlora_helpers.cpu_layout)
+    wanted = {r.fingerprint() for r in (recipe, *also_accept)}
+    if (path / "adapter_config.json").exists() and not retrain:
+        if recipe_fingerprint(path) in wanted:
+            return load_adapter(base, path), {"path": path, "trained": False, "losses": []}
+        print(f"{path.name}: the cached adapter was trained by another recipe (or records none); training anew")
+    from peft import get_peft_model
+    torch.manual_seed(recipe.seed)  # lora_A's random init
+    model = get_peft_model(base, recipe.lora_config())  # 4-bit base frozen, A and B trainable (fp32)
+    losses = train_adapter(model, load_tokenizer(profile), load_task_dataset(profile)["train"], recipe)
+    save_adapter(model, path, recipe)  # safetensors by default
+    return model, {"path": path, "trained": True, "losses": losses}
+
+
+def nb04_adapter(profile, retrain: bool = False):
+    """Notebook 04's adapter, if it is cached and was trained by notebook 04's recipe as it is now
+    (:func:`qlora_helpers.recipe.recipe_for`); else a stand-in trained under the same name with
+    :data:`KIT_LOOP`, so that notebook 05 also runs on its own. :func:`task_adapter`'s return."""
+    return task_adapter(profile, KIT_LOOP, NB04_ADAPTER, retrain, also_accept=(recipe_for(profile),))

@@ -40,80 +40,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .adapters import (ADAPTER_NAME, NB04_ADAPTER, adapter_dir, load_adapter,
-                       recipe_fingerprint, save_adapter)
+from .adapters import load_adapter
 from .cpu_layout import is_4bit, keep_standard_layout, linear4bit_modules, restore_standard_layout, standard_layout
-from .recipe import KIT_LOOP, Recipe, recipe_for
 
 # ---------------------------------------------------------------------------------------------
-# 1. The adapter to merge: trained once on the 4-bit base, cached as safetensors
-# ---------------------------------------------------------------------------------------------
-def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
-    """AdamW on the trainable (LoRA) weights over chat rows, with the kit's plain loop
-    (:func:`qlora_helpers.training.train_loop`: linear warm-up, then constant lr, gradients clipped).
-
-    Args:
-        model: a ``PeftModel`` (only its LoRA weights require grad). tok: its tokenizer.
-        rows: a ``datasets.Dataset`` with ``messages``.
-        recipe: steps, lr, warm-up, clipping, weight decay, batch size and seed (the batch order).
-    Returns:
-        The loss of every step. The model is left in eval mode.
-    """
-    from .training import build_optimizer, train_loop
-    from .sft_data import shuffled_batches, tokenize_dataset
-    batches = shuffled_batches(tokenize_dataset(rows, tok), tok, recipe.steps, recipe.seed, recipe.batch_size)
-    opt = build_optimizer("adamw_torch", [p for p in model.parameters() if p.requires_grad], recipe.lr,
-                          recipe.weight_decay)
-    losses = train_loop(model, opt, batches, recipe.lr, recipe.warmup_steps, recipe.max_grad_norm)["losses"]
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    return losses
-
-
-def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, retrain: bool = False,
-                 also_accept: tuple[Recipe, ...] = ()):
-    """The date-task adapter (LoRA on all linear layers) on the profile's 4-bit base.
-
-    Loads ``$QLORA_KIT_CACHE/adapters/<name>`` if it is there *and* was trained by ``recipe`` (or one of
-    ``also_accept``), as its ``kit_recipe.json`` records; else trains it with :func:`train_adapter` (the
-    offline profile: about a minute on one CPU core) and saves it (``adapter_model.safetensors`` +
-    ``adapter_config.json`` + the recipe). So a changed recipe trains anew instead of reloading an
-    adapter an older recipe made.
-
-    Args:
-        profile: a :class:`qlora_helpers.runtime.Profile`. recipe: what to train if training.
-        name: cache folder name (default: ``date-task-<the recipe's fingerprint>``). retrain: ignore the cache.
-        also_accept: other recipes whose adapter may be loaded under ``name`` (notebook 05 takes the one
-            notebook 04 trained with its recipe, else trains a stand-in with ``recipe``).
-    Returns:
-        ``(peft_model, info)``: the model in eval mode (its base loaded by ``load_model``, so the
-        CPU repack is switched off), and ``{"path", "trained", "losses"}``.
-    """
-    from .runtime import load_model, load_task_dataset, load_tokenizer
-    path = adapter_dir(name or f"{ADAPTER_NAME}-{recipe.fingerprint()}")
-    base = load_model(profile)  # 4-bit, CPU repack switched off (qlora_helpers.cpu_layout)
-    wanted = {r.fingerprint() for r in (recipe, *also_accept)}
-    if (path / "adapter_config.json").exists() and not retrain:
-        if recipe_fingerprint(path) in wanted:
-            return load_adapter(base, path), {"path": path, "trained": False, "losses": []}
-        print(f"{path.name}: the cached adapter was trained by another recipe (or records none); training anew")
-    from peft import get_peft_model
-    torch.manual_seed(recipe.seed)  # lora_A's random init
-    model = get_peft_model(base, recipe.lora_config())  # 4-bit base frozen, A and B trainable (fp32)
-    losses = train_adapter(model, load_tokenizer(profile), load_task_dataset(profile)["train"], recipe)
-    save_adapter(model, path, recipe)  # safetensors by default
-    return model, {"path": path, "trained": True, "losses": losses}
-
-
-def nb04_adapter(profile, retrain: bool = False):
-    """Notebook 04's adapter, if it is cached and was trained by notebook 04's recipe as it is now
-    (:func:`qlora_helpers.recipe.recipe_for`); else a stand-in trained under the same name with
-    :data:`KIT_LOOP`, so that notebook 05 also runs on its own. :func:`task_adapter`'s return."""
-    return task_adapter(profile, KIT_LOOP, NB04_ADAPTER, retrain, also_accept=(recipe_for(profile),))
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Reading a 4-bit weight safely (the CPU repack: qlora_helpers.cpu_layout)
+# 1. Reading a 4-bit weight safely (the CPU repack: qlora_helpers.cpu_layout)
 # ---------------------------------------------------------------------------------------------
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """``dequant(Q(W))`` of a ``Linear4bit``, fp32 (out, in), whatever layout it is in now."""
@@ -145,7 +76,7 @@ def kit_dequantize_weight(module: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Three ways to merge
+# 2. Three ways to merge
 # ---------------------------------------------------------------------------------------------
 def _lora_delta(layer) -> torch.Tensor:
     """ΔW = scaling * B @ A of a PEFT LoRA layer's active adapter, fp32 (out, in)."""
@@ -233,7 +164,7 @@ def merge_into_4bit(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Measuring the difference
+# 3. Measuring the difference
 # ---------------------------------------------------------------------------------------------
 def conversation_texts(tok, rows) -> list[str]:
     """Each row's full conversation (prompt and answer) in the chat template: the logits to compare."""
@@ -303,7 +234,7 @@ def quantization_vs_update(model, fp_model) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Export
+# 4. Export
 # ---------------------------------------------------------------------------------------------
 def folder_bytes(path: str | Path) -> int:
     """Total size of the files in ``path`` (recursively), in bytes."""

@@ -137,7 +137,7 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """A short hash of every field: what a cached adapter records, so that a changed recipe never
-        reloads an adapter another recipe trained (:func:`qlora_helpers.merge.task_adapter`).
+        reloads an adapter another recipe trained (:func:`qlora_helpers.adapters.task_adapter`).
 
         >>> KIT_SFT.fingerprint() == KIT_SFT.replace().fingerprint() != KIT_SFT.replace(r=8).fingerprint()
         True

@@ -182,7 +182,7 @@ def test_adapter_of_another_shape_is_refused(offline_profile, tmp_path):
 
 
 def test_train_adapter_trains_only_lora(offline_profile, tok):
-    # merge.train_adapter is what notebook 05 trains when 04's adapter is missing: the shared loop
+    # adapters.train_adapter is what notebook 05 trains when 04's adapter is missing: the shared loop
     # (training.train_loop) on the 4-bit base must lower the loss and leave the base bytes alone.
     from peft import get_peft_model
     from qlora_helpers.runtime import load_model, load_task_dataset
@@ -191,7 +191,7 @@ def test_train_adapter_trains_only_lora(offline_profile, tok):
     torch.manual_seed(0)
     model = get_peft_model(load_model(offline_profile), lora_config(r=R, lora_alpha=2 * R))
     before = base_tensor_hashes(model)
-    losses = M.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)),
+    losses = adapters.train_adapter(model, tok, load_task_dataset()["train"].select(range(64)),
                              KIT_LOOP.replace(steps=12, lr=5e-3))
     assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses  # measured ~4.9 -> ~2
     assert base_tensor_hashes(model) == before and not model.training
@@ -255,19 +255,19 @@ def test_a_changed_recipe_trains_anew_instead_of_reloading_the_old_adapter(offli
     from qlora_helpers.recipe import KIT_LOOP, recipe_for
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
     small = KIT_LOOP.replace(steps=2, batch_size=2)                       # small for test speed
-    _, first = M.task_adapter(offline_profile, small)
-    _, again = M.task_adapter(offline_profile, small)
-    _, other_lr = M.task_adapter(offline_profile, small.replace(lr=small.lr / 2))
+    _, first = adapters.task_adapter(offline_profile, small)
+    _, again = adapters.task_adapter(offline_profile, small)
+    _, other_lr = adapters.task_adapter(offline_profile, small.replace(lr=small.lr / 2))
     assert first["trained"] and not again["trained"] and other_lr["trained"] and other_lr["path"] != first["path"]
     # under one fixed name (notebook 04's): another recipe's adapter is not reloaded, and says so
-    M.task_adapter(offline_profile, small, name="fixed")
-    _, other_r = M.task_adapter(offline_profile, small.replace(r=8), name="fixed")
+    adapters.task_adapter(offline_profile, small, name="fixed")
+    _, other_r = adapters.task_adapter(offline_profile, small.replace(r=8), name="fixed")
     assert other_r["trained"] and "trained by another recipe" in capsys.readouterr().out
     assert adapters.recipe_fingerprint(other_r["path"]) == small.replace(r=8).fingerprint()
     # notebook 05 takes notebook 04's adapter when 04's current recipe trained it
-    model, _ = M.task_adapter(offline_profile, small, name="x")
+    model, _ = adapters.task_adapter(offline_profile, small, name="x")
     adapters.save_adapter(model, adapters.adapter_dir(adapters.NB04_ADAPTER), recipe_for(offline_profile))
-    assert M.nb04_adapter(offline_profile)[1]["trained"] is False
+    assert adapters.nb04_adapter(offline_profile)[1]["trained"] is False
 
 
 def test_merge_to_fp_refuses_a_broken_adapter_and_names_the_layer(offline_profile):

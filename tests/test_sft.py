@@ -114,7 +114,7 @@ class _State:
         self.global_step = step
 
 
-# ---- the plain loop shared by merge.train_adapter and the ablations ------------------------------
+# ---- the plain loop shared by adapters.train_adapter and the ablations ------------------------------
 def test_warmup_then_constant():
     from qlora_helpers.training import warmup_lr
     assert [warmup_lr(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
