@@ -62,6 +62,7 @@ def run_emulated(paths: list[Path], out_dir: Path, gpu: str = "t4", timeout: int
 
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError
 
     from .offline import cache_root
     from .real_model import MODEL_DIR_NAME
@@ -82,9 +83,15 @@ def run_emulated(paths: list[Path], out_dir: Path, gpu: str = "t4", timeout: int
             print(f"[{i}/{len(paths)}] {path.name} with {GPU_EMULATION_ENV}={gpu} ({EMULATED_GPUS[gpu][0]}) ...", flush=True)
             nb = nbformat.read(path, as_version=4)
             t0 = time.perf_counter()
-            NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
-            err = first_error(nb)
+            try:
+                NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                               resources={"metadata": {"path": str(path.parent)}}).execute()
+                err = first_error(nb)
+            except CellTimeoutError as e:   # a cell that runs past the timeout stops that notebook, not the run
+                cell = next((i for i, c in enumerate(c for c in nb.cells if c.cell_type == "code")
+                             if not c.get("outputs") and c.get("execution_count") is None), -1)
+                err = {"cell": cell, "error": f"CellTimeoutError: no result after {timeout} s",
+                       "first_line": str(e).splitlines()[0][:120]}
             rows.append({"notebook": path.name, "result": "passed" if err is None else "failed",
                          "seconds": round(time.perf_counter() - t0), **({"first_error": err} if err else {})})
             (out_dir / "executed").mkdir(parents=True, exist_ok=True)

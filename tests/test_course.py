@@ -44,3 +44,18 @@ def test_the_emulated_run_reaches_every_cell_and_names_the_first_error(tmp_path,
     assert (tmp_path / "reached.txt").read_text() == "yes"          # the cells after the failure ran
     assert json.loads((tmp_path / gpu / "results.json").read_text()) == rows
     assert "QLORA_KIT_GPU_EMULATION" not in os.environ
+
+
+def test_a_cell_past_the_timeout_is_a_failed_row_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A T4's fp16 on a CPU without fp16 hardware can be very slow (notebook 04's training ran past 30 minutes on
+    an AMD EPYC): the cell timeout used to end the whole run with a traceback; it is now that notebook's row."""
+    import nbformat
+    from qlora_helpers.course import run_emulated
+    monkeypatch.delenv("QLORA_KIT_GPU_EMULATION", raising=False)
+    slow = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("import time; time.sleep(30)")])
+    fine = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("y = 2")])
+    nbformat.write(slow, tmp_path / "01_slow.ipynb")
+    nbformat.write(fine, tmp_path / "02_fine.ipynb")
+    rows = run_emulated([tmp_path / "01_slow.ipynb", tmp_path / "02_fine.ipynb"], tmp_path / "t4", "t4", timeout=3)
+    assert [r["result"] for r in rows] == ["failed", "passed"]
+    assert rows[0]["first_error"]["error"] == "CellTimeoutError: no result after 3 s"
