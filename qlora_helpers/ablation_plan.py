@@ -1,7 +1,7 @@
 """The ablation plan: the baseline every variant changes one thing of, the variants, the grids.
 
 A variant is a flat dict (what a results file stores); its LoRA and training numbers become a
-:class:`~qlora_helpers.recipe.Recipe` in :func:`variant_recipe`, which checks them. Running a
+:class:`~qlora_helpers.core.recipe.Recipe` in :func:`variant_recipe`, which checks them. Running a
 plan is :mod:`qlora_helpers.ablations`' job; this module only says what to run.
 
 >>> v = make_variant("r64-rs", r=64, use_rslora=True)
@@ -15,12 +15,11 @@ ValueError: variant 'bad': targets='mlp' is not one of ('qv', 'attention', 'all-
 """
 from __future__ import annotations
 
-from .recipe import ABLATION_BASELINE, Recipe
+from .core.recipe import ABLATION_BASELINE, Recipe
 
 TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "all-linear": "all-linear"}
 INITS = ("default", "loftq")
-CURVES = ["r4", "r16", "r64", "r64-rs", "qv", "lorafa", "dora"]  # the full grid's loss-curve figure
 OPTIMIZER_VARIANTS = ("adamw", "lorafa")
 # The baseline every variant changes one thing of: the recipe ABLATION_BASELINE (r 16, alpha 16,
 # the QLoRA paper's alpha; no dropout; lr 3e-3, the kit's fast CPU rate) on all linear layers,
@@ -30,6 +29,8 @@ BASELINE = {"r": ABLATION_BASELINE.r, "lora_alpha": ABLATION_BASELINE.lora_alpha
             "use_rslora": ABLATION_BASELINE.use_rslora, "init": "default", "loftq_iter": 1,
             "optimizer": "adamw", "use_dora": ABLATION_BASELINE.use_dora, "lr": ABLATION_BASELINE.lr,
             "lora_dropout": ABLATION_BASELINE.lora_dropout}
+BASELINE_NAME = f"r{ABLATION_BASELINE.r}"  # "r16": the baseline's name in every grid and results file
+CURVES = ["r4", BASELINE_NAME, "r64", "r64-rs", "qv", "lorafa", "dora"]  # the full grid's loss-curve figure
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def make_variant(name: str, **changes) -> dict:
 
 
 def variant_recipe(variant: dict, steps: int | None = None) -> Recipe:
-    """The variant's LoRA and training numbers as a :class:`~qlora_helpers.recipe.Recipe`."""
+    """The variant's LoRA and training numbers as a :class:`~qlora_helpers.core.recipe.Recipe`."""
     changes = {k: variant[k] for k in ("r", "lora_alpha", "lora_dropout", "lr", "use_rslora", "use_dora")}
     return ABLATION_BASELINE.replace(target_modules=TARGETS[variant["targets"]], **changes,
                                      **({"steps": steps} if steps else {}))
@@ -85,7 +86,7 @@ def grid(full: bool) -> dict:
     (r 4..64, 300 steps, 3 seeds for every variant). Keys: variants, steps, seeds, main, main_seeds."""
     if full:
         variants = rank_variants((4, 8, 16, 32, 64)) + method_variants()
-    else:  # r16 (the baseline) without its rsLoRA twin, to fit CI's few minutes
-        variants = rank_variants((4, 64)) + [make_variant("r16")] + method_variants()
+    else:  # the baseline (r16) without its rsLoRA twin, to fit CI's few minutes
+        variants = rank_variants((4, 64)) + [make_variant(BASELINE_NAME)] + method_variants()
     return {"variants": variants, "steps": 300 if full else 40, "seeds": (0, 1, 2) if full else (0,),
-            "main": ["r16", "qv"], "main_seeds": (0, 1, 2), "n_test": 200 if full else 100}
+            "main": [BASELINE_NAME, "qv"], "main_seeds": (0, 1, 2), "n_test": 200 if full else 100}

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import statistics
 
+import matplotlib.pyplot as plt
+
+from .ablation_plan import BASELINE_NAME
 from .seed_stats import summarize
 
 
@@ -21,7 +24,6 @@ def smooth(values: list[float], window: int = 10) -> list[float]:
 
 def plot_rank(rows: list[dict], key: str = "eval_loss"):
     """``key`` against r, LoRA's alpha/r versus rsLoRA's alpha/sqrt(r); mean ± std over seeds."""
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for rs, label in ((False, "alpha / r (LoRA)"), (True, "alpha / sqrt(r) (rsLoRA)")):
         pts = sorted({r["r"]: r["name"] for r in rows if r["use_rslora"] == rs
@@ -39,7 +41,6 @@ def plot_rank(rows: list[dict], key: str = "eval_loss"):
 
 def plot_curves(rows: list[dict], names: list[str] | None = None, window: int = 10):
     """Smoothed training-loss curves, one line per variant (seed 0 if several)."""
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     done = set()
     for r in rows:
@@ -53,10 +54,9 @@ def plot_curves(rows: list[dict], names: list[str] | None = None, window: int = 
     return fig
 
 
-def plot_spread(rows: list[dict], key: str = "exact_match", reference: str = "r16"):
+def plot_spread(rows: list[dict], key: str = "exact_match", reference: str = BASELINE_NAME):
     """Every seed as a dot, the mean as a bar, one row per variant: is a gap bigger than the spread?
     The ``reference`` variant's mean ± 2 std is shaded."""
-    import matplotlib.pyplot as plt
     stats = summarize(rows, key)
     names = list(stats)
     fig, ax = plt.subplots(figsize=(6, 0.32 * len(names) + 1.2))

@@ -21,16 +21,16 @@ The claims and the papers they come from:
 
 Production code used and checked against: PEFT 0.21.2 (``LoraConfig(use_rslora=..., use_dora=...)``,
 ``peft.optimizers.create_lorafa_optimizer``), the kit's training building blocks
-(:func:`qlora_helpers.sft.lora_config`, :func:`~qlora_helpers.recipe.prepare_qlora_model`,
-:func:`qlora_helpers.sft_data.tokenize_dataset`, :func:`~qlora_helpers.chat_data.padded_collator`),
-and :func:`qlora_helpers.evaluation.exact_match`. The loop is :func:`qlora_helpers.training.train_loop`,
+(:func:`qlora_helpers.sft.lora_config`, :func:`~qlora_helpers.core.qlora_model.prepare_qlora_model`,
+:func:`qlora_helpers.sft_data.tokenize_dataset`, :func:`~qlora_helpers.core.chat_data.padded_collator`),
+and :func:`qlora_helpers.core.evaluation.exact_match`. The loop is :func:`qlora_helpers.core.training.train_loop`,
 plain PyTorch (linear warm-up then constant learning rate, max grad norm 0.3 as in
 :func:`qlora_helpers.sft.training_arguments`), because LoRA-FA needs its own optimizer object and
 the memory probe needs the forward pass.
 
 Memory on the CPU is counted, not sampled: ``state_bytes`` = bytes of trainable parameters +
 their gradients + optimizer state (exact, from the tensors); ``activation_bytes`` = bytes of the
-tensors autograd saves for backward in one training step (:class:`qlora_helpers.training.
+tensors autograd saves for backward in one training step (:class:`qlora_helpers.core.training.
 saved_tensor_bytes`, each storage counted once, gradient checkpointing off so that what each
 layer keeps is visible). The frozen 4-bit base is the same for all variants and is not counted.
 
@@ -45,24 +45,37 @@ reduced grid unless ``QLORA_KIT_FULL_GRID=1``.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import math
+import platform
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes
+import peft
 import torch
+import transformers
+from peft.optimizers import create_lorafa_optimizer
 
 from . import sft_data
-from .chat_data import padded_collator
-from .recipe import prepare_qlora_model
-from .evaluation import exact_match
-from .training import build_optimizer, model_loss, on_model_device, train_loop
+from .ablation_plan import CURVES, grid, lora_config_for, variant_recipe
+
 # Statistics over seeds, the grid's figures and the plan (baseline, variants, grids) live in modules of
 # their own; notebook 06 imports them from there.
 from .ablation_plots import plot_curves, plot_rank, plot_spread
+from .core.artifacts import sha256_file
+from .core.chat_data import padded_collator
+from .core.evaluation import exact_match
+from .core.figures import save_figure
+from .core.qlora_model import prepare_qlora_model
+from .core.runtime import get_profile, load_model, load_task_dataset, load_tokenizer, use_threads
+from .core.training import build_optimizer, model_loss, on_model_device, train_loop
+from .loftq import apply_loftq
+from .measured_memory import optimizer_bytes
 from .seed_stats import results_table
-from .ablation_plan import CURVES, grid, lora_config_for, variant_recipe
 
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
 # The full grid as the kit measured it (``--full``, two shards ``--combine``d); notebook 06 reads it.
@@ -81,7 +94,6 @@ class TaskData:
 
 def load_task(profile, n_test: int = 200, batch_size: int = 16) -> TaskData:
     """Tokenizer, tokenized train split, ``n_test`` test rows and their batches, fp base model."""
-    from .runtime import load_model, load_task_dataset, load_tokenizer
     tok, ds = load_tokenizer(profile), load_task_dataset(profile)
     test = ds["test"].select(range(n_test))
     eval_tok = sft_data.tokenize_dataset(test, tok)
@@ -103,8 +115,6 @@ def train_batches(data: TaskData, steps: int, seed: int, batch_size: int = 16) -
 def build_model(profile, variant: dict, data: TaskData, seed: int):
     """A fresh NF4 base + the variant's adapter (LoftQ applied before any forward). Returns the
     PEFT model and LoftQ's per-layer error report (empty for the default init)."""
-    from .loftq import apply_loftq
-    from .runtime import load_model
     torch.manual_seed(seed)  # lora_A's random init
     model = prepare_qlora_model(load_model(profile), lora_config_for(variant),
                                     gradient_checkpointing=False)
@@ -116,7 +126,6 @@ def make_optimizer(model, variant: dict):
     """AdamW over the trainable weights, or PEFT's LoRA-FA (A frozen, B's gradient projected). The variant's
     ``optimizer`` names a method of the grid ("adamw" or "lorafa", as the committed results record it)."""
     if variant["optimizer"] == "lorafa":
-        from peft.optimizers import create_lorafa_optimizer
         return create_lorafa_optimizer(model, r=variant["r"], lora_alpha=variant["lora_alpha"],
                                        lr=variant["lr"])
     recipe = variant_recipe(variant)
@@ -126,7 +135,6 @@ def make_optimizer(model, variant: dict):
 
 def state_bytes(model, optimizer) -> int:
     """Bytes of trainable parameters + their gradients + optimizer state."""
-    from .measured_memory import optimizer_bytes
     trainable = [p for p in model.parameters() if p.requires_grad]
     params = sum(p.numel() * p.element_size() for p in trainable)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
@@ -232,7 +240,6 @@ class DifferentBaseError(ValueError):
 def base_file_sha256(profile) -> str:
     """What every number of the grid depends on first: the SHA-256 of the base model's weights
     file (``model.safetensors`` in a local model folder), or the hub id for a hub model."""
-    from .artifacts import sha256_file
     weights = Path(profile.model_files()) / "model.safetensors"
     return sha256_file(weights) if weights.exists() else profile.model_source
 
@@ -258,11 +265,6 @@ def save_results(rows: list[dict], path, plan: dict | None = None, meta: dict | 
     torch CPU kernels, the date and how many grid processes ran at once (their wall times share
     the machine), so a committed result says how it was made. Pass the
     ``meta`` of :func:`load_results` to keep the shards' own record when joining them."""
-    import datetime
-    import platform
-    import bitsandbytes
-    import peft
-    import transformers
     meta = meta or {
         "steps": sorted({r["steps"] for r in rows}), "seeds": sorted({r["seed"] for r in rows}),
         "n_test": (plan or {}).get("n_test"), "torch": torch.__version__, "peft": peft.__version__,
@@ -312,9 +314,6 @@ def load_results(*paths) -> tuple[dict, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from .figures import save_figure
-    from .runtime import get_profile, use_threads
     ap = argparse.ArgumentParser(description="LoRA/QLoRA ablation grid on the kit's task")
     ap.add_argument("--full", action="store_true", help="r 4..64, 300 steps, 3 seeds (long)")
     ap.add_argument("--only", default="", help="comma-separated variant names: run a shard of the grid")

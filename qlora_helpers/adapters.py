@@ -20,8 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
 
-from .recipe import KIT_LOOP, Recipe, recipe_for
+from .core.offline import cache_root
+from .core.recipe import KIT_LOOP, Recipe, recipe_for
+from .core.runtime import load_model, load_task_dataset, load_tokenizer
+from .core.training import build_optimizer, train_loop
+from .sft_data import shuffled_batches, tokenize_dataset
 
 ADAPTER_NAME = "date-task"  # the kit's task adapters: $QLORA_KIT_CACHE/adapters/date-task-<recipe fingerprint>
 
@@ -39,7 +45,6 @@ class AdapterMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------
 def adapter_dir(name: str = ADAPTER_NAME) -> Path:
     """``$QLORA_KIT_CACHE/adapters/<name>`` (the folder may not exist yet)."""
-    from .offline import cache_root
     return cache_root() / "adapters" / name
 
 
@@ -59,7 +64,7 @@ def base_info(model: nn.Module) -> dict:
 
 def save_adapter(model, path: str | Path, recipe=None) -> Path:
     """``save_pretrained`` (adapter_model.safetensors + adapter_config.json) plus ``kit_base.json``, and
-    ``kit_recipe.json`` when ``recipe`` (a :class:`qlora_helpers.recipe.Recipe`) trained it."""
+    ``kit_recipe.json`` when ``recipe`` (a :class:`qlora_helpers.core.recipe.Recipe`) trained it."""
     path = Path(path)
     model.save_pretrained(path)
     (path / BASE_INFO_FILE).write_text(json.dumps(base_info(model.get_base_model()), indent=1))
@@ -77,7 +82,6 @@ def recipe_fingerprint(path: str | Path) -> str | None:
 
 
 def _lora_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
     with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
@@ -127,7 +131,6 @@ def _check_lora_shape(module, name: str, kind: str, shape: tuple, r: int, adapte
 
 def load_adapter(base: nn.Module, path: str | Path):
     """:func:`check_adapter_matches`, then ``PeftModel.from_pretrained(base, path)``, eval mode."""
-    from peft import PeftModel
     check_adapter_matches(base, path)
     return PeftModel.from_pretrained(base, str(path)).eval()
 
@@ -137,7 +140,7 @@ def load_adapter(base: nn.Module, path: str | Path):
 # ---------------------------------------------------------------------------------------------
 def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
     """AdamW on the trainable (LoRA) weights over chat rows, with the kit's plain loop
-    (:func:`qlora_helpers.training.train_loop`: linear warm-up, then constant lr, gradients clipped).
+    (:func:`qlora_helpers.core.training.train_loop`: linear warm-up, then constant lr, gradients clipped).
 
     Args:
         model: a ``PeftModel`` (only its LoRA weights require grad). tok: its tokenizer.
@@ -146,8 +149,6 @@ def train_adapter(model, tok, rows, recipe: Recipe = KIT_LOOP) -> list[float]:
     Returns:
         The loss of every step. The model is left in eval mode.
     """
-    from .training import build_optimizer, train_loop
-    from .sft_data import shuffled_batches, tokenize_dataset
     batches = shuffled_batches(tokenize_dataset(rows, tok), tok, recipe.steps, recipe.seed, recipe.batch_size)
     opt = build_optimizer("adamw_torch", [p for p in model.parameters() if p.requires_grad], recipe.lr,
                           recipe.weight_decay)
@@ -168,7 +169,7 @@ def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, re
     adapter an older recipe made.
 
     Args:
-        profile: a :class:`qlora_helpers.runtime.Profile`. recipe: what to train if training.
+        profile: a :class:`qlora_helpers.core.runtime.Profile`. recipe: what to train if training.
         name: cache folder name (default: ``date-task-<the recipe's fingerprint>``). retrain: ignore the cache.
         also_accept: other recipes whose adapter may be loaded under ``name`` (notebook 05 takes the one
             notebook 04 trained with its recipe, else trains a stand-in with ``recipe``).
@@ -176,15 +177,13 @@ def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, re
         ``(peft_model, info)``: the model in eval mode (its base loaded by ``load_model``, so the
         CPU repack is switched off), and ``{"path", "trained", "losses"}``.
     """
-    from .runtime import load_model, load_task_dataset, load_tokenizer
     path = adapter_dir(name or f"{ADAPTER_NAME}-{recipe.fingerprint()}")
-    base = load_model(profile)  # 4-bit, CPU repack switched off (qlora_helpers.cpu_layout)
+    base = load_model(profile)  # 4-bit, CPU repack switched off (qlora_helpers.core.cpu_layout)
     wanted = {r.fingerprint() for r in (recipe, *also_accept)}
     if (path / "adapter_config.json").exists() and not retrain:
         if recipe_fingerprint(path) in wanted:
             return load_adapter(base, path), {"path": path, "trained": False, "losses": []}
         print(f"{path.name}: the cached adapter was trained by another recipe (or records none); training anew")
-    from peft import get_peft_model
     torch.manual_seed(recipe.seed)  # lora_A's random init
     model = get_peft_model(base, recipe.lora_config())  # 4-bit base frozen, A and B trainable (fp32)
     losses = train_adapter(model, load_tokenizer(profile), load_task_dataset(profile)["train"], recipe)
@@ -194,6 +193,6 @@ def task_adapter(profile, recipe: Recipe = KIT_LOOP, name: str | None = None, re
 
 def nb04_adapter(profile, retrain: bool = False):
     """Notebook 04's adapter, if it is cached and was trained by notebook 04's recipe as it is now
-    (:func:`qlora_helpers.recipe.recipe_for`); else a stand-in trained under the same name with
+    (:func:`qlora_helpers.core.recipe.recipe_for`); else a stand-in trained under the same name with
     :data:`KIT_LOOP`, so that notebook 05 also runs on its own. :func:`task_adapter`'s return."""
     return task_adapter(profile, KIT_LOOP, NB04_ADAPTER, retrain, also_accept=(recipe_for(profile),))

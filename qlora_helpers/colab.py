@@ -24,6 +24,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import nbformat
+
+from .core.offline import ASSETS_DIR
 from .notebook_setup import WHEEL_NAME, repo_in_cell, sync
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +87,6 @@ def badge(link: str) -> str:
 def write_notebook_links(notebook_dir: Path, repo: str | None, branch: str = "main") -> list[Path]:
     """Put an "Open in Colab" badge under each notebook's title (or take it away when ``repo`` is None);
     return the notebooks that changed."""
-    import nbformat
     changed = []
     for path in sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(path, as_version=4)
@@ -152,7 +154,6 @@ def build_wheel(dist: Path, root: Path = ROOT) -> Path:
     if not wheel.exists():
         raise RuntimeError(f"pip built {[p.name for p in dist.glob('*.whl')]}, not {WHEEL_NAME}: the version in "
                            f"pyproject.toml and qlora_helpers.__version__ must agree")
-    from .offline import ASSETS_DIR
     shipped = {f"qlora_helpers/{p.relative_to(ASSETS_DIR.parent.parent).as_posix()}"
                for p in ASSETS_DIR.rglob("*") if p.is_file()}
     missing = shipped - set(zipfile.ZipFile(wheel).namelist())
@@ -177,7 +178,6 @@ def prepare(repo: str | None = None, branch: str = "main", root: Path = ROOT, wh
 
 def notebook_repo(notebook_dir: Path) -> tuple[str | None, str]:
     """The repository address the notebooks install from (all must agree), ``(None, "main")`` for the wheel."""
-    import nbformat
     found = set()
     for path in sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb")):
         cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")

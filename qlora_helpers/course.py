@@ -9,26 +9,33 @@
 ``python -m qlora_helpers.course --bf16``     the same with a bf16 GPU's numerics (A100, L4, H100)
 
 Each notebook runs in its own kernel with ``notebooks/`` as working directory, so figures land
-in ``figures/``. Claims recorded with :func:`qlora_helpers.summary.record` are gathered into
+in ``figures/``. Claims recorded with :func:`qlora_helpers.core.summary.record` are gathered into
 one table at the end.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from .summary import SUMMARY_ENV, read
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellTimeoutError
+
+from .core.figures import figures_dir
+from .core.offline import cache_root
+from .core.real_model import MODEL_DIR_NAME
+from .core.runtime import EMULATED_GPUS, GPU_EMULATION_ENV
+from .core.summary import SUMMARY_ENV, read
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def execute(path: Path, out: Path, timeout: int = 1800) -> float:
     """Run one notebook top to bottom, write it to ``out``; return seconds taken."""
-    import nbformat
-    from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
@@ -52,21 +59,14 @@ def first_error(nb) -> dict | None:
 
 
 def run_emulated(paths: list[Path], out_dir: Path, gpu: str = "t4", timeout: int = 1800) -> list[dict]:
-    """Execute ``paths`` with a GPU's numerics on the CPU (:func:`qlora_helpers.runtime.emulate_gpu`
+    """Execute ``paths`` with a GPU's numerics on the CPU (:func:`qlora_helpers.core.runtime.emulate_gpu`
     through ``QLORA_KIT_GPU_EMULATION=<gpu>``: ``t4`` fp16, ``bf16`` an A100's or L4's), each to its last
     cell whatever fails, into ``out_dir``
     (executed notebooks, figures, a cache of its own so that no 16-bit adapter replaces the course's;
     the converted real model is linked, not converted again). Returns one row per notebook:
     ``passed`` or its first error, and the seconds it took; also written to ``out_dir/results.json``."""
-    import json
 
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellTimeoutError
 
-    from .offline import cache_root
-    from .real_model import MODEL_DIR_NAME
-    from .runtime import EMULATED_GPUS, GPU_EMULATION_ENV
     if gpu not in EMULATED_GPUS:
         raise ValueError(f"run_emulated(..., gpu={gpu!r}): use one of {', '.join(EMULATED_GPUS)}")
     main_cache, cache = cache_root(), out_dir / "cache"
@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = read(summary) if summary.exists() else []
     print("\nWhat the course proved (offline profile unless QLORA_KIT_PROFILE says otherwise)\n")
     print(format_summary(rows, times))
-    from .figures import figures_dir
     print(f"\nTotal: {sum(times.values()):.0f} s; figures in {figures_dir()}")
     return 0
 

@@ -11,7 +11,7 @@ exception; the other rows still run, so the table always shows every row.
    dtype (Note: tolerances).
 3. one ``bitsandbytes.optim.PagedAdamW8bit`` step on a LoRA-shaped pair: the weights move, finite.
 4. tensors made in a cell follow the 4-bit model to its device
-   (:func:`qlora_helpers.training.on_model_device`), and the forward runs there.
+   (:func:`qlora_helpers.core.training.on_model_device`), and the forward runs there.
 5. the kit's NF4 (:mod:`qlora_helpers.nf4`) against bitsandbytes' ``quantize_4bit`` on 1M normal
    values: the same codes, except on CUDA where a value sits within a few fp32 ulps of a decision
    boundary (:func:`qlora_helpers.nf4.compare_codes`; Note: CUDA boundaries).
@@ -37,7 +37,7 @@ compares with decision constants written as float literals, so a value within a 
 midpoint between two NF4 levels can get the other neighbour's code. That is rounding, not a defect;
 a code that differs anywhere else is. On the CPU bitsandbytes computes as the kit does: no code
 may differ.
-Note (tolerances): every bound is :func:`qlora_helpers.evaluation.logit_tolerance`'s rule, ``growth x
+Note (tolerances): every bound is :func:`qlora_helpers.core.evaluation.logit_tolerance`'s rule, ``growth x
 eps(dtype) x scale``, so a T4's fp16 and an A100's bf16 are judged by their own rounding, never by a
 constant written for one dtype. Its growth (128) was measured on SmolLM2-135M's 30 layers, and the
 rounding errors add up over the layers, so a model of ``L`` layers gets ``128 / 30 x L`` (row 6: 17 on the
@@ -65,8 +65,30 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import bitsandbytes
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import peft
 import torch
+import transformers
+from bitsandbytes.cextension import lib
+from bitsandbytes.functional import dequantize_4bit
+from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils import logging as hf_logging
 
+from . import nf4
+from .core.chat_data import padded_collator
+from .core.cpu_layout import defend
+from .core.evaluation import logit_tolerance
+from .core.qlora_model import prepare_qlora_model
+from .core.recipe import recipe_for
+from .core.runtime import PROFILE_ENV, get_profile, load_model, load_task_dataset, load_tokenizer, use_threads
+from .core.training import build_optimizer, on_model_device
+from .memory import KNOWN_CONFIGS, estimate_memory
+from .sft import training_arguments
+from .sft_checks import StopAtStep, TrainingHealthCallback, lora_parameters
+from .sft_data import packed_collator, packed_logits, packing_error, tokenize_chat, tokenize_dataset
 
 SEED = 0
 NO_CUDA = "(no CUDA)"
@@ -118,13 +140,11 @@ def check_bnb_cuda(ctx: Context):
     bound = "CUDA library loaded; quantize_4bit on cuda"
     if ctx.device != "cuda":
         return None, NO_CUDA, bound
-    import bitsandbytes.functional as bnbF
-    from bitsandbytes.cextension import lib
     if not getattr(lib, "compiled_with_cuda", False):
         raise RuntimeError(f"bitsandbytes loaded no CUDA library ({type(lib).__name__}); "
                            f"`python -m bitsandbytes` says why")
     w = torch.randn(4096, generator=torch.Generator().manual_seed(SEED)).to("cuda")  # (4096,)
-    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    packed, state = bnbF.quantize_4bit(w, blocksize=nf4.DEFAULT_BLOCKSIZE, quant_type="nf4")
     back = bnbF.dequantize_4bit(packed, state)                                       # (4096,)
     torch.cuda.synchronize()
     name = os.path.basename(getattr(getattr(lib, "_lib", None), "_name", "?"))
@@ -134,10 +154,6 @@ def check_bnb_cuda(ctx: Context):
 
 def check_linear4bit(ctx: Context):
     """Row 2: ``Linear4bit`` forward and backward against ``x @ dequantize(W).T`` in fp32."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
-    from .cpu_layout import defend
-    from .evaluation import logit_tolerance
     g = torch.Generator().manual_seed(SEED)
     w = torch.randn(128, 256, generator=g) * 0.05                                    # (out, in) fp32
     layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=ctx.dtype, compress_statistics=True,
@@ -158,8 +174,6 @@ def check_linear4bit(ctx: Context):
 
 def check_paged_adamw8bit(ctx: Context):
     """Row 3: one ``PagedAdamW8bit`` step on a LoRA pair (A random, B zero) with random gradients."""
-    from .training import build_optimizer
-    from .recipe import recipe_for
     g = torch.Generator().manual_seed(SEED)
     r, d = 16, 256                            # A (16, 256) and B (256, 16): 4096 values each, 8-bit states
     a = torch.nn.Parameter((torch.randn(r, d, generator=g) * 0.01).to(ctx.device))   # (r, in)
@@ -183,8 +197,6 @@ def check_paged_adamw8bit(ctx: Context):
 
 def check_device_follow(ctx: Context):
     """Row 4: ids made as a cell makes them (``torch.randint``, on the CPU) reach the 4-bit model's device."""
-    from .runtime import load_model
-    from .training import on_model_device
     model = load_model(ctx.profile).eval()
     want = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(SEED))
@@ -197,8 +209,6 @@ def check_device_follow(ctx: Context):
 
 def check_nf4_backend(ctx: Context):
     """Row 5: the kit's NF4 codes against bitsandbytes' ``quantize_4bit`` on the model's device."""
-    import bitsandbytes.functional as bnbF
-    from . import nf4
     w = torch.randn(NF4_VALUES, generator=torch.Generator().manual_seed(SEED)).to(ctx.device)  # (n,) fp32
     packed, state = bnbF.quantize_4bit(w, blocksize=nf4.DEFAULT_BLOCKSIZE, quant_type="nf4",
                                        compress_statistics=False)
@@ -213,9 +223,6 @@ def check_nf4_backend(ctx: Context):
 
 def check_packing_trap(ctx: Context):
     """Row 6: packed logits without a cache equal each example alone; with a cache they leak."""
-    from .evaluation import logit_tolerance
-    from .runtime import load_model, load_task_dataset, load_tokenizer
-    from .sft_data import packed_logits, packing_error, tokenize_chat
     tok = load_tokenizer(ctx.profile)
     rows = load_task_dataset(ctx.profile)["train"].select(range(4))
     examples = [tokenize_chat(r, tok)["input_ids"] for r in rows]
@@ -234,7 +241,6 @@ def check_packing_trap(ctx: Context):
 def _quiet():
     """No weight-loading progress bars and no FutureWarnings (transformers 5.23 renaming gradient
     checkpointing) inside the block: the table is the output. Restored after."""
-    from transformers.utils import logging as hf_logging
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -264,11 +270,6 @@ def _trainer_run(profile, recipe, train_ds, collator, out: str, stop_at: int | N
                  resume: str | None = None):
     """Notebook 04's interrupt-and-resume run: the kit's model, arguments and callbacks, a loss logged
     every step; saves a checkpoint every ``RESUME_AT`` steps when stopping or resuming."""
-    from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from .runtime import load_model
-    from .sft import StopAtStep, TrainingHealthCallback, training_arguments
-    from .recipe import prepare_qlora_model
     torch.manual_seed(recipe.seed)
     model = prepare_qlora_model(load_model(profile), recipe)
     health = TrainingHealthCallback(model)
@@ -285,11 +286,6 @@ def _trainer_run(profile, recipe, train_ds, collator, out: str, stop_at: int | N
 
 def check_training(ctx: Context):
     """Row 7: 30 Trainer steps (finite, falling loss), then stopped at 15, resumed: bit for bit the same."""
-    from .recipe import recipe_for
-    from .runtime import load_task_dataset, load_tokenizer
-    from .sft import lora_parameters
-    from .sft_data import packed_collator, tokenize_dataset
-    from .chat_data import padded_collator
     p = ctx.profile
     recipe = recipe_for(p).replace(steps=TRAIN_STEPS)
     tok = load_tokenizer(p)
@@ -324,7 +320,6 @@ def check_training(ctx: Context):
 
 def check_memory(ctx: Context):
     """Row 8: row 7's peak GPU memory against the planner's estimate for the same run."""
-    from .memory import KNOWN_CONFIGS, estimate_memory
     bound = "measured <= planned (memory.estimate_memory)"
     if ctx.device != "cuda":
         return None, NO_CUDA, bound
@@ -376,9 +371,6 @@ def run_checks(profile, only: tuple[str, ...] | None = None, log=print) -> list[
 
 def header(profile) -> dict[str, str]:
     """The facts printed above the table: device, GPU, compute capability, dtype, versions."""
-    import bitsandbytes
-    import peft
-    import transformers
     cap = profile.compute_capability
     return {"profile": profile.name, "device": profile.device, "gpu": profile.gpu_name or "-",
             "compute capability": f"{cap[0]}.{cap[1]}" if cap else "-",
@@ -403,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the facts and the rows to PATH as JSON")
     args = ap.parse_args(argv)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")   # before CUDA starts (Note: determinism)
-    from .runtime import PROFILE_ENV, get_profile, use_threads
     profile = get_profile(model="tiny")   # QLORA_KIT_PROFILE=gpu without CUDA raises here, saying so
     use_threads(profile)
     facts = header(profile)

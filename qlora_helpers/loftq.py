@@ -35,10 +35,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import bitsandbytes.functional as bf
 import torch
 
 from . import double_quant, nf4
-from .recipe import check_rank
+from .core.recipe import check_rank
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # W (out, in) -> dequantized Q (out, in)
 
@@ -135,7 +136,6 @@ def _fp_name(peft_name: str) -> str:
 def set_4bit_weight(layer, q_source: torch.Tensor) -> torch.Tensor:
     """Quantize ``q_source`` into ``layer`` (a bitsandbytes ``Linear4bit``) with the layer's own
     settings; returns what the layer now computes with (``dequantize_4bit``), float32 (out, in)."""
-    import bitsandbytes.functional as bf
     old = layer.weight
     packed, state = bf.quantize_4bit(q_source.contiguous(), blocksize=old.blocksize,
                                      compress_statistics=old.compress_statistics,
@@ -150,7 +150,6 @@ def layer_roundtrip(layer) -> Quantizer:
     ``dequantize_4bit`` on the layer's device (its backend: the CPU's or CUDA's kernel) with the layer's
     blocksize, double quantization, quant type and storage. Returns float32 on the layer's device.
     (Note: backend.)"""
-    import bitsandbytes.functional as bf
     old = layer.weight
 
     def roundtrip(w: torch.Tensor) -> torch.Tensor:

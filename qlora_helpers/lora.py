@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .recipe import check_rank
-from .training import on_model_device
+from .core.chat_data import conversation_ids, padded_collator
+from .core.recipe import check_rank
+from .core.training import build_optimizer, on_model_device, train_loop
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output head
 
@@ -372,16 +373,15 @@ def copy_lora_to_peft(state: dict[str, tuple[torch.Tensor, torch.Tensor]], peft_
 def chat_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Chat rows (``{"messages": [...]}``) as one right-padded batch, trained on every token.
 
-    The rows are tokenized with :func:`qlora_helpers.chat_data.conversation_ids` (the chat
+    The rows are tokenized with :func:`qlora_helpers.core.chat_data.conversation_ids` (the chat
     template, up to the assistant's EOS) and padded with
-    :func:`~qlora_helpers.chat_data.padded_collator`; unlike SFT in notebook 04, the labels keep
+    :func:`~qlora_helpers.core.chat_data.padded_collator`; unlike SFT in notebook 04, the labels keep
     the prompt tokens too: this loop teaches LoRA, not loss masking.
 
     Returns:
         ``input_ids`` and ``attention_mask`` (batch, seq), and ``labels`` = input_ids with
         padding set to -100 (ignored by the loss).
     """
-    from .chat_data import conversation_ids, padded_collator
     ids = [conversation_ids(r, tokenizer)[0] for r in rows]
     return padded_collator(tokenizer, None)([{"input_ids": x, "labels": x} for x in ids])
 
@@ -402,8 +402,7 @@ def train_steps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr
     """One AdamW step per batch on the parameters with ``requires_grad`` (after
     :func:`inject_lora`: A and B only), constant learning rate, no clipping, the loss
     :func:`lm_loss`; returns the training losses. The loop is the kit's one
-    (:func:`qlora_helpers.training.train_loop`). ``lr`` has no default: each lesson says its own."""
-    from .training import build_optimizer, train_loop
+    (:func:`qlora_helpers.core.training.train_loop`). ``lr`` has no default: each lesson says its own."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer("adamw_torch", params, lr, weight_decay)
     log = train_loop(model, opt, batches, lr, schedule=lambda step: lr, max_grad_norm=None, loss_fn=lm_loss)

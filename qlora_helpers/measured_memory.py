@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .core.qlora_model import prepare_qlora_model
+from .core.training import OPTIMIZERS, build_optimizer
 from .double_quant import measured_bytes
-from .recipe import prepare_qlora_model
-from .training import OPTIMIZERS, build_optimizer
 
 
 def _tensor_bytes(tensors) -> int:
@@ -50,7 +50,7 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
     """Peak bytes torch allocated on the GPU over ``steps`` QLoRA training steps of ``model``.
 
     ``model`` is a loaded 4-bit base (``runtime.load_model`` of a gpu profile). It gets the recipe's
-    LoRA on every linear layer through :func:`qlora_helpers.recipe.prepare_qlora_model` (notebook
+    LoRA on every linear layer through :func:`qlora_helpers.core.qlora_model.prepare_qlora_model` (notebook
     04's own call: fp32 norms and embeddings, gradient checkpointing as the recipe says), then forward, backward and an
     optimizer step on random tokens of ``batch_size`` x ``seq_len``, under autocast to
     ``compute_dtype`` (the profile's: fp16 on a T4, bf16 on Ampere and newer).
@@ -61,7 +61,7 @@ def gpu_training_peak(model, recipe, compute_dtype: torch.dtype, seq_len: int = 
     Raises:
         RuntimeError: the model is not on a CUDA GPU (on the CPU, notebook 03 measures the same
             components one by one instead: :func:`loaded_model_bytes`, :func:`optimizer_bytes`).
-        ValueError: an optimizer not in :data:`qlora_helpers.training.OPTIMIZERS`.
+        ValueError: an optimizer not in :data:`qlora_helpers.core.training.OPTIMIZERS`.
     """
     device = next(model.parameters()).device
     if compute_dtype not in (torch.float16, torch.bfloat16):

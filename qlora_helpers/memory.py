@@ -52,10 +52,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .core.recipe import KIT_SFT, check_rank
+from .core.runtime import HUB_MODELS
+from .core.training import OPTIMIZERS
 from .double_quant import storage_bytes
+from .lora import find_targets
 from .nf4 import DEFAULT_BLOCKSIZE
-from .recipe import KIT_SFT, check_rank
-from .training import OPTIMIZERS
 
 __all__ = [
     "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS",
@@ -89,7 +94,7 @@ KNOWN_CONFIGS: dict[str, dict] = {   # the published config.json values that dec
     "llama-3-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                    "max_position_embeddings": 8192, "rope_theta": 500000.0},
-    # The course's model and the opt-in GPU models (qlora_helpers.runtime.HUB_MODELS, same names).
+    # The course's model and the opt-in GPU models (qlora_helpers.core.runtime.HUB_MODELS, same names).
     "smollm2-135m": {**_LLAMA, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
                      "max_position_embeddings": 8192, "tie_word_embeddings": True},
@@ -133,7 +138,6 @@ METHODS = ("full_fp32", "full_mixed", "lora16", "qlora", "qlora_no_dq")
 # 1. Configs and exact parameter counts
 # ---------------------------------------------------------------------------------------------
 def _from_dict(d: dict):
-    from transformers import AutoConfig
     d = dict(d)
     model_type = d.pop("model_type", None)
     if model_type is None:
@@ -149,20 +153,18 @@ def _from_dict(d: dict):
 def load_config(config):
     """A ``PretrainedConfig`` from a dict (with ``model_type``), a config object, a known name
     (``"llama-2-7b"``, see :data:`KNOWN_CONFIGS`), a hub id (those of
-    :data:`qlora_helpers.runtime.HUB_MODELS` offline; any other through ``AutoConfig``, which needs
+    :data:`qlora_helpers.core.runtime.HUB_MODELS` offline; any other through ``AutoConfig``, which needs
     the Hub), or a path to ``config.json`` or its folder.
 
     Raises:
         FileNotFoundError: a path that does not exist. ValueError: an unknown architecture.
     """
-    from transformers import AutoConfig, PretrainedConfig
     if isinstance(config, PretrainedConfig):
         return config
     if isinstance(config, dict):
         return _from_dict(config)
     if isinstance(config, str) and config.lower() in KNOWN_CONFIGS:
         return _from_dict(KNOWN_CONFIGS[config.lower()])
-    from .runtime import HUB_MODELS
     if config in HUB_MODELS.values():                       # a hub id the kit knows: no download
         return _from_dict(KNOWN_CONFIGS[next(k for k, v in HUB_MODELS.items() if v == config)])
     path = Path(config)
@@ -186,8 +188,6 @@ def load_config(config):
 @functools.lru_cache(maxsize=32)
 def _meta_model(config_json: str):
     """The model of a config on the meta device: shapes and names, no memory, no download."""
-    import torch
-    from transformers import AutoModelForCausalLM
     cfg = _from_dict(json.loads(config_json))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
@@ -195,7 +195,6 @@ def _meta_model(config_json: str):
 
 @functools.lru_cache(maxsize=32)
 def _meta_model_facts(config_json: str) -> tuple[int, tuple]:
-    import torch
     model = _meta_model(config_json)
     total = sum(p.numel() for p in model.parameters())                 # tied weights appear once
     linears = tuple((name, m.in_features, m.out_features) for name, m in model.named_modules()
@@ -240,7 +239,6 @@ def lora_shapes(config, r: int, target_modules="all-linear") -> list[tuple[int, 
     Returns:
         list of 2-tuples, two per targeted layer.
     """
-    from .lora import find_targets
     check_rank(r)
     model = _meta_model(_key(config))
     modules = dict(model.named_modules())

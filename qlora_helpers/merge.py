@@ -12,7 +12,7 @@ What it teaches (notebook ``05_merge_and_export``):
    ``dequant(Q(W))``, quantization error included (:func:`quantization_vs_update`).
 3. Export: a merged model is a plain transformers checkpoint (:func:`save_merged`).
 4. A trap (``TROUBLESHOOTING.md``, "The CPU repack"; the mechanism and the kit's defence are
-   :mod:`qlora_helpers.cpu_layout`). On a CPU with AVX512-BF16, bitsandbytes rewrites a 4-bit
+   :mod:`qlora_helpers.core.cpu_layout`). On a CPU with AVX512-BF16, bitsandbytes rewrites a 4-bit
    weight into a kernel layout at its first eval-mode forward, and ``dequantize_4bit(weight.data,
    quant_state)`` then reads the codes in the wrong order, so a merge after an evaluation is
    silently wrong. Every model ``load_model`` returns has the repack switched off; on top of that,
@@ -39,16 +39,21 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from bitsandbytes.functional import dequantize_4bit
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
 
+from . import double_quant, nf4
 from .adapters import load_adapter
-from .cpu_layout import is_4bit, keep_standard_layout, linear4bit_modules, restore_standard_layout, standard_layout
+from .core.cpu_layout import is_4bit, keep_standard_layout, linear4bit_modules, restore_standard_layout, standard_layout
+
 
 # ---------------------------------------------------------------------------------------------
-# 1. Reading a 4-bit weight safely (the CPU repack: qlora_helpers.cpu_layout)
+# 1. Reading a 4-bit weight safely (the CPU repack: qlora_helpers.core.cpu_layout)
 # ---------------------------------------------------------------------------------------------
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """``dequant(Q(W))`` of a ``Linear4bit``, fp32 (out, in), whatever layout it is in now."""
-    from bitsandbytes.functional import dequantize_4bit
     packed, state = standard_layout(module)
     return dequantize_4bit(packed, state).float()  # (out, in)
 
@@ -60,7 +65,6 @@ def kit_dequantize_weight(module: nn.Module) -> torch.Tensor:
     without the rounding the two differ by up to fp16's rounding, 4.9e-4 on SmolLM2, found by
     ``course --t4``), then fp32 again like :func:`dequantize_weight`; the double-quantized block
     constants in the dtype bitsandbytes uses for them (see the comment)."""
-    from . import double_quant, nf4
     packed, s = standard_layout(module)
     if s.quant_type != "nf4":
         raise ValueError(f"kit_dequantize_weight handles NF4 only, got {s.quant_type!r}")
@@ -88,7 +92,6 @@ def _lora_delta(layer) -> torch.Tensor:
 
 def merged_weight(module: nn.Module) -> torch.Tensor | None:
     """W + ΔW (a LoRA layer), dequant(W) (a 4-bit layer), or None (anything else)."""
-    from peft.tuners.lora import LoraLayer
     if isinstance(module, LoraLayer):
         inner = module.get_base_layer()
         return _base_weight(inner) + _lora_delta(module)  # (out, in)
@@ -106,7 +109,7 @@ def merge_to_fp(model, dtype: torch.dtype = torch.float32):
 
     Every weight is written into a fresh plain transformers model: ``dequant(Q(W)) + ΔW`` for
     LoRA layers, ``dequant(Q(W))`` for other 4-bit layers, the rest copied. The input is not
-    changed, and the result does not depend on bitsandbytes' CPU layout (:mod:`qlora_helpers.cpu_layout`).
+    changed, and the result does not depend on bitsandbytes' CPU layout (:mod:`qlora_helpers.core.cpu_layout`).
 
     Args:
         model: a ``PeftModel`` (one active LoRA adapter, not merged) on a 4-bit base.
@@ -114,7 +117,6 @@ def merge_to_fp(model, dtype: torch.dtype = torch.float32):
     Returns:
         A ``transformers`` model without PEFT or bitsandbytes layers, in eval mode.
     """
-    from transformers import AutoModelForCausalLM
     base = model.get_base_model()
     config = copy.deepcopy(base.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -135,7 +137,6 @@ def merge_to_fp(model, dtype: torch.dtype = torch.float32):
 
 
 def _plain_param(module: nn.Module, leaf: str) -> torch.Tensor:
-    from peft.tuners.lora import LoraLayer
     if isinstance(module, LoraLayer):
         module = module.get_base_layer()
     return getattr(module, leaf).detach().float()
@@ -155,7 +156,7 @@ def merge_into_4bit(model):
 
     Note: merging into NF4 re-quantizes: each layer becomes ``Q(dequant(Q(W)) + ΔW)``, so the
     update is rounded to the NF4 grid (``TROUBLESHOOTING.md``, "Merging into 4-bit"). PEFT reads ``weight.data`` with
-    ``dequantize_4bit``, which is wrong after a CPU repack (:mod:`qlora_helpers.cpu_layout`): the layout is restored first.
+    ``dequantize_4bit``, which is wrong after a CPU repack (:mod:`qlora_helpers.core.cpu_layout`): the layout is restored first.
     In place on ``model``; returns the unloaded 4-bit transformers model.
     """
     restore_standard_layout(model)
@@ -222,7 +223,6 @@ def quantization_vs_update(model, fp_model) -> list[dict]:
     Returns:
         One dict per layer: ``name``, ``quant_err`` and ``delta`` (Frobenius norms), and ``max_quant_err``, ``max_delta``.
     """
-    from peft.tuners.lora import LoraLayer
     rows = []
     for name, m in model.get_base_model().named_modules():
         if isinstance(m, LoraLayer):
@@ -243,7 +243,6 @@ def folder_bytes(path: str | Path) -> int:
 
 def save_merged(model, tok, path: str | Path) -> Path:
     """``save_pretrained`` of a merged plain model (safetensors) and its tokenizer into ``path``."""
-    from peft import PeftModel
     if isinstance(model, PeftModel) or linear4bit_modules(model):
         raise ValueError("save_merged expects a plain merged model (merge_to_fp / merge_into_base); "
                          "to save an adapter use save_adapter")

@@ -46,8 +46,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from bitsandbytes.functional import get_4bit_type
 
 __all__ = [
     "NF4_OFFSET", "DEFAULT_BLOCKSIZE", "ALLOWED_BLOCKSIZES", "FLOAT_DTYPES",
@@ -365,8 +368,6 @@ def bnb_reference_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: 
     Args, Returns: as :func:`dequantize_nf4` (absmax as stored by ``quantize_4bit`` without
     double quantization).
     """
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    from bitsandbytes.functional import get_4bit_type
     code = get_4bit_type(quant_type, device=packed.device)  # (16,)
     with torch.compiler.set_stance("force_eager"):
         out = _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax.float(), code,
@@ -464,7 +465,6 @@ def whose_defect(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> dict:
         agree, the kernel does not: an upstream defect), or ``"kit"`` (the kit differs from the
         reference: ours to fix).
     """
-    import bitsandbytes.functional as bnbF
     with torch.compiler.set_stance("force_eager"):
         packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
                                            compress_statistics=False)

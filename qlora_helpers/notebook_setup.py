@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import re
 import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import nbformat
+import torch
 
 from . import __version__
 
 # The libraries Colab lacks or has at another version; never torch. tokenizers and safetensors
-# write the real model's converted files, whose SHA-256 the kit checks (qlora_helpers.real_model).
+# write the real model's converted files, whose SHA-256 the kit checks (qlora_helpers.core.real_model).
 COLAB_PINS = ["transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2",
               "accelerate==1.15.0", "datasets==5.2.0", "tokenizers==0.23.3", "safetensors==0.8.0",
               "gguf==0.19.0", "trl==1.16.0", "mlflow-skinny==3.17.2"]
@@ -115,7 +120,6 @@ def check_colab_install(wheel: str | None = None, pins: list[str] | None = None)
     CPU, slowly) but is said. If ``qlora_helpers`` itself did not install, the cell stops before
     this with an error that names the repository address and the way around it.
     """
-    from importlib.metadata import PackageNotFoundError, version
     modules = {"mlflow-skinny": "mlflow"}          # distribution name -> the module a notebook imports
     problems = []
     if wheel is not None and wheel != WHEEL_NAME:
@@ -138,7 +142,6 @@ def check_colab_install(wheel: str | None = None, pins: list[str] | None = None)
         elif in_memory != want:
             problems.append(f"{name} {in_memory} was imported before this cell installed {want}: Runtime > "
                             f"Restart session, then run the notebook from the top")
-    import torch
     if not torch.cuda.is_available():
         print("No GPU in this runtime: the notebooks run on the CPU (slowly). For a T4: Runtime > "
               "Change runtime type > T4 GPU.")
@@ -153,7 +156,6 @@ def sync(notebook_dir: Path, repo: str | None = None, branch: str = "main", keep
     """Rewrite the first code cell of each notebook for ``repo`` at ``branch`` (None: the wheel route), or
     with ``keep_repo`` for the address each already holds; return the notebooks that changed. The cell is
     shown in Colab as a form (its title, code folded)."""
-    import nbformat
     changed = []
     for path in sorted(notebook_dir.glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
@@ -196,7 +198,6 @@ def explain_failed_checks(shell=None) -> None:
     it does nothing. The setup cell of every notebook calls it; ``tests/test_notebooks.py`` runs a
     failing check through it.
     """
-    import traceback
     if shell is None:
         try:
             shell = get_ipython()  # noqa: F821  (defined inside IPython only)

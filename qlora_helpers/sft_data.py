@@ -4,7 +4,7 @@ What it teaches:
 
 * **Chat template.** A training example is the conversation rendered by the tokenizer's own
   ``apply_chat_template``, so training sees exactly the format that inference
-  (:func:`qlora_helpers.evaluation.prompt_text`) will feed the model.
+  (:func:`qlora_helpers.core.evaluation.prompt_text`) will feed the model.
 * **EOS.** The assistant turn ends with ``<|im_end|>``, the tokenizer's EOS token. It is part of
   the labels: a model that never saw it as a target never learns to stop.
 * **Loss on responses only.** Prompt tokens get the label ``-100`` (PyTorch's
@@ -20,15 +20,17 @@ What it teaches:
 from __future__ import annotations
 
 import torch
+from transformers import DataCollatorWithFlattening
 
-# The chat format itself (template, cut at EOS, padding) is shared with notebook 01 (qlora_helpers.chat_data).
-from .chat_data import IGNORE_INDEX, conversation_ids, padded_collator
+# The chat format itself (template, cut at EOS, padding) is shared with notebook 01 (qlora_helpers.core.chat_data).
+from .core.chat_data import IGNORE_INDEX, conversation_ids, padded_collator
+from .core.runtime import quiet_datasets
 
 
 def tokenize_chat(example: dict, tok, max_length: int = 128) -> dict[str, list[int]]:
     """Token ids and labels of one chat row; prompt tokens labelled ``-100``.
 
-    The ids are :func:`qlora_helpers.chat_data.conversation_ids` (the chat template, up to and
+    The ids are :func:`qlora_helpers.core.chat_data.conversation_ids` (the chat template, up to and
     including the assistant's EOS); the lesson is the labels: ``-100`` on every prompt token.
 
     Args:
@@ -48,7 +50,6 @@ def tokenize_dataset(ds, tok, max_length: int = 128):
     Without a progress bar: ``datasets`` shows one only when the result is not in its cache yet, so
     a notebook's output would depend on what ran on the machine before (nbval compares it).
     """
-    from .runtime import quiet_datasets
     with quiet_datasets():
         return ds.map(lambda ex: tokenize_chat(ex, tok, max_length), remove_columns=ds.column_names)
 
@@ -95,7 +96,6 @@ def shuffled_batches(train, tok, steps: int, seed: int, batch_size: int = 16) ->
 
 def packed_collator():
     """Padding-free packing: one row per batch, ``position_ids`` restarting at 0 per example."""
-    from transformers import DataCollatorWithFlattening
     return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
 

@@ -19,7 +19,7 @@ arguments do:
   ``seq_lengths`` so that each conversation can be compared with the kit's.
 * **One recipe.** :func:`sft_config` is ``SFTConfig`` filled from the same dict as the kit's
   ``TrainingArguments`` (:func:`qlora_helpers.sft.training_kwargs`), so both runs read every number
-  from one :class:`qlora_helpers.recipe.Recipe`.
+  from one :class:`qlora_helpers.core.recipe.Recipe`.
 
 TRL keeps one token more than the kit per conversation: the newline the template writes after the
 assistant's ``<|im_end|>``. It carries the label ``-100`` and comes after the last labelled token,
@@ -30,8 +30,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from trl import SFTConfig
+from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
+
+from .core.chat_data import IGNORE_INDEX
 from .sft import training_kwargs
-from .chat_data import IGNORE_INDEX
 
 # One ChatML turn as SmolLM2's and the tiny model's templates write it (the strings hold real
 # newlines, as in the tokenizers' files).
@@ -59,7 +62,6 @@ def training_chat_template(tok) -> str:
         ValueError: the template is not the ChatML form this function knows how to mark; the
             message says what to add by hand.
     """
-    from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
     original = tok.chat_template
     if not isinstance(original, str):
         raise ValueError(f"the tokenizer's chat template is {type(original).__name__}, not one template "
@@ -94,7 +96,6 @@ def sft_config(profile, output_dir: str, recipe=None, **overrides):
         ValueError: as :func:`qlora_helpers.sft.training_kwargs`, and as ``SFTConfig`` (for
             instance ``padding_free=True`` without packing needs ``max_length=None``).
     """
-    from trl import SFTConfig
     return SFTConfig(**training_kwargs(profile, output_dir, recipe, **{"assistant_only_loss": True, **overrides}))
 
 

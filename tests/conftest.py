@@ -9,14 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def assets():
     """The offline profile's shipped assets (SHA-256 checked)."""
-    from qlora_helpers.offline import ensure_offline_assets
+    from qlora_helpers.core.offline import ensure_offline_assets
     return ensure_offline_assets()
 
 
 @pytest.fixture(scope="session")
 def offline_profile(assets):
     """The offline profile on the kit's tiny model: the unit tests are about code paths, fast."""
-    from qlora_helpers.runtime import get_profile, use_threads
+    from qlora_helpers.core.runtime import get_profile, use_threads
     profile = get_profile("offline", model="tiny")
     use_threads(profile)  # one thread, as the notebooks on the tiny model run
     return profile
@@ -25,8 +25,8 @@ def offline_profile(assets):
 @pytest.fixture(scope="session")
 def real_profile():
     """The offline profile on the real model (SmolLM2-135M-Instruct; fetched and converted once)."""
-    from qlora_helpers.real_model import ensure_real_model
-    from qlora_helpers.runtime import get_profile
+    from qlora_helpers.core.real_model import ensure_real_model
+    from qlora_helpers.core.runtime import get_profile
     ensure_real_model()
     return get_profile("offline", model="smollm2")
 
@@ -34,5 +34,5 @@ def real_profile():
 @pytest.fixture(scope="session")
 def tok(offline_profile):
     """The offline tokenizer (tests that change padding_side restore it)."""
-    from qlora_helpers.runtime import load_tokenizer
+    from qlora_helpers.core.runtime import load_tokenizer
     return load_tokenizer(offline_profile)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from qlora_helpers import ablation_plan, ablation_plots, ablations as ab, seed_stats
+from qlora_helpers import ablation_plan, ablation_plots, seed_stats
+from qlora_helpers import ablations as ab
 from qlora_helpers.lora import llama_lora_param_count
 
 
@@ -97,7 +98,7 @@ def test_committed_full_grid_is_what_this_code_trains(offline_profile, data):
     ab.check_same_base(meta, offline_profile)  # a different base is a different model, not drift
     committed = next(r for r in rows if r["name"] == "r16" and r["seed"] == 0)
     model, _ = ab.build_model(offline_profile, ablation_plan.make_variant("r16"), data, seed=0)
-    from qlora_helpers.training import train_loop
+    from qlora_helpers.core.training import train_loop
     log = train_loop(model, ab.make_optimizer(model, committed), ab.train_batches(data, 12, 0), committed["lr"])
     # 2e-3: far above float-order noise (measured 4.8e-6 over 40 steps on the CPU the grid was
     # made on, and on an AVX-512 CPU with the same base), far below what a changed loop, init or
@@ -117,3 +118,14 @@ def test_verdict_words_follow_the_rule():
                                                "difference larger than 2 std")
     assert seed_stats.verdict(rows, "a", "c", "v") == "a vs c: v 1.100 vs 1.100, not enough seeds to judge"
     assert seed_stats.separated(rows, "a", "c", "v") is None
+
+
+def test_the_baseline_of_every_grid_is_the_recipes_baseline():
+    """The variant every grid calls the baseline is the baseline recipe unchanged, in both grids (its name
+    follows the recipe's rank, so a new rank cannot leave an "r16" that is not the baseline)."""
+    from qlora_helpers.ablation_plan import BASELINE, BASELINE_NAME, grid
+    for full in (False, True):
+        g = grid(full)
+        base = [v for v in g["variants"] if v["name"] == BASELINE_NAME]
+        assert len(base) == 1 and {k: v for k, v in base[0].items() if k != "name"} == BASELINE
+        assert BASELINE_NAME in g["main"]

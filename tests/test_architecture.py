@@ -157,3 +157,32 @@ def test_the_borrowed_name_check_can_fail():
     assert borrowed_names("from qlora_helpers import merge as M\nM.simulate_cpu_repack(m)") == \
         ["M.simulate_cpu_repack (merge)"]
     assert borrowed_names("from .training import train_loop", package="") == []
+
+
+# --- the shared layer stands alone; imports sit at a module's head -------------------------------------
+@pytest.mark.parametrize("path", sorted((PKG / "core").glob("*.py")), ids=lambda p: p.stem)
+def test_the_shared_layer_imports_only_itself(path):
+    package = "core"
+    outside = {m for m in kit_imports(path.read_text(), package) if m != "__init__" and not m.startswith("core")}
+    assert not outside, f"core/{path.name} imports {sorted(outside)}: the shared layer uses no lesson or command"
+
+
+def imports_inside_functions(source: str) -> list[str]:
+    """Import statements below a module's top level whose line carries no comment saying why."""
+    tree, lines = ast.parse(source), source.splitlines()
+    top = {id(n) for n in tree.body}
+    return [lines[n.lineno - 1].strip() for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top and "#" not in lines[n.lineno - 1]
+            and "#" not in lines[n.lineno - 2]]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_imports_sit_at_the_top_unless_a_comment_says_why(path):
+    assert not imports_inside_functions(path.read_text()), f"{module_name(path)}: move these to the module's head"
+
+
+def test_the_checks_of_the_layer_can_fail():
+    assert imports_inside_functions("import os\ndef f():\n    import json\n    return json") == ["import json"]
+    assert imports_inside_functions("def f():\n    try:  # only a conversion needs it\n        import gguf\n"
+                                    "    except ImportError:\n        pass") == []
+    assert kit_imports("from ..nf4 import x\nfrom .training import y", "core") == {"nf4", "core.training"}

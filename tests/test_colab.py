@@ -118,7 +118,7 @@ def test_the_wheel_builds_installs_and_carries_the_shipped_files(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
                     "--target", str(site), str(wheel)], check=True)
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import qlora_helpers, qlora_helpers.offline as o; "
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import qlora_helpers, qlora_helpers.core.offline as o; "
              "assert qlora_helpers.__file__.startswith(sys.argv[1]), qlora_helpers.__file__; "
              "o.verify_manifest(o.ASSETS_DIR); print(qlora_helpers.__version__)")
     out = subprocess.run([sys.executable, "-c", probe, str(site)], cwd=tmp_path, capture_output=True, text=True)

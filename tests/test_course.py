@@ -1,7 +1,7 @@
 """The course runner's summary collects what the notebooks recorded."""
 import pytest
 
-from qlora_helpers import summary
+from qlora_helpers.core import summary
 from qlora_helpers.course import format_summary
 
 
@@ -28,9 +28,10 @@ def test_the_emulated_run_reaches_every_cell_and_names_the_first_error(tmp_path,
     import os
 
     import nbformat
+
     from qlora_helpers.course import run_emulated
     monkeypatch.delenv("QLORA_KIT_GPU_EMULATION", raising=False)
-    cells = ["from qlora_helpers.runtime import get_profile\nprofile = get_profile('offline', model='tiny')",
+    cells = ["from qlora_helpers.core.runtime import get_profile\nprofile = get_profile('offline', model='tiny')",
              "# the first check\nassert str(profile.compute_dtype) == 'torch.float32', profile.compute_dtype",
              "reached = open('reached.txt', 'w').write('yes')"]
     bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
@@ -50,6 +51,7 @@ def test_a_cell_past_the_timeout_is_a_failed_row_and_the_run_goes_on(tmp_path, m
     """A T4's fp16 on a CPU without fp16 hardware can be very slow (notebook 04's training ran past 30 minutes on
     an AMD EPYC): the cell timeout used to end the whole run with a traceback; it is now that notebook's row."""
     import nbformat
+
     from qlora_helpers.course import run_emulated
     monkeypatch.delenv("QLORA_KIT_GPU_EMULATION", raising=False)
     slow = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("import time; time.sleep(30)")])

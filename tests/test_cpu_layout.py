@@ -1,4 +1,4 @@
-"""qlora_helpers.cpu_layout: bitsandbytes' AVX512-BF16 repack, forced on any CPU, cannot reach a
+"""qlora_helpers.core.cpu_layout: bitsandbytes' AVX512-BF16 repack, forced on any CPU, cannot reach a
 model the kit loads. The repack is forced by making bitsandbytes believe the CPU has AVX512-BF16
 (``has_avx512bf16``, read by ``Linear4bit.__init__``) and spying on the repack function, so the
 tests mean the same on an AVX2 laptop, an AVX-512 server and an ARM Mac."""
@@ -7,9 +7,9 @@ import bitsandbytes.nn.modules as bnb_modules
 import pytest
 import torch
 
-from qlora_helpers import cpu_layout
-from qlora_helpers.evaluation import generate_answers
-from qlora_helpers.runtime import load_model
+from qlora_helpers.core import cpu_layout
+from qlora_helpers.core.evaluation import generate_answers
+from qlora_helpers.core.runtime import load_model
 
 
 @pytest.fixture
@@ -59,7 +59,8 @@ def test_load_model_defends_every_4bit_model(offline_profile, tok, forced_repack
 def test_ablation_runs_get_the_defended_base(offline_profile, forced_repack):
     """Notebook 06 evaluates the fresh base before training: on an AVX512-BF16 CPU that used to
     repack it and the adapters trained on garbage (exact match 0.000)."""
-    from qlora_helpers import ablation_plan, ablations as ab
+    from qlora_helpers import ablation_plan
+    from qlora_helpers import ablations as ab
     data = ab.load_task(offline_profile, n_test=4)
     model, _ = ab.build_model(offline_profile, ablation_plan.make_variant("r16"), data, seed=0)
     ab.heldout_loss(model, data.eval_batches[:1])

@@ -31,7 +31,8 @@ def _batch():
 @pytest.mark.parametrize("call", ["lora.lm_loss", "training.model_loss", "ablations.heldout_loss",
                                   "ablations.logit_error"])
 def test_batches_follow_the_model_to_its_device(call):
-    from qlora_helpers import ablations, lora, training
+    from qlora_helpers import ablations, lora
+    from qlora_helpers.core import training
     probe = Probe()
     run = {"lora.lm_loss": lambda: lora.lm_loss(probe, _batch()),
            "training.model_loss": lambda: training.model_loss(probe, _batch()),

@@ -1,7 +1,7 @@
 """qlora_helpers.double_quant against bitsandbytes' nested quant state (CPU, bitsandbytes 0.50.2)."""
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
-import bitsandbytes.functional as bnbF
 
 from qlora_helpers import double_quant as dq
 from qlora_helpers.exercises import lesson03 as ex03
@@ -89,7 +89,7 @@ def test_storage_bytes_large_layer(double_quant):
 
 
 def test_offline_model_bytes(offline_profile):
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.runtime import load_model
     model = load_model(offline_profile)
     layers = [m for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
     assert len(layers) == 28

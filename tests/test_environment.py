@@ -1,8 +1,9 @@
 """environment.yml and the package pin the same versions; the pins are what is installed."""
 import re
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,7 @@ def test_the_one_harmless_bitsandbytes_message_is_quiet_and_others_are_not(caplo
     import logging
     import subprocess
     import sys
+
     import qlora_helpers  # noqa: F401  (installs the filter)
     log = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING, logger=log.name):
@@ -89,6 +91,7 @@ def test_colab_has_everything_a_notebook_imports():
     tools (nbformat, nbclient, selenium: the course runner, `make colab`, the tests) are not imported on Colab.
     The mapping module -> distribution is the installed environment's own."""
     from importlib.metadata import packages_distributions
+
     from qlora_helpers.notebook_setup import COLAB_PINS, COLAB_PREINSTALLED
     on_colab = {p.split("==")[0].lower() for p in COLAB_PINS} | {p.lower() for p in COLAB_PREINSTALLED}
     dev_only = {"nbformat", "nbclient", "selenium"}

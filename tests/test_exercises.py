@@ -26,7 +26,8 @@ def test_no_dq_bytes_checker(offline_profile, capsys):
     """Lesson 00's oracle is bitsandbytes' own list of state tensors (QuantState.as_dict); checked here
     against a count by hand from the layer shapes: codes n/2 bytes, one fp32 absmax per 64, 16-entry table."""
     import bitsandbytes as bnb
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     plain = load_model(offline_profile, double_quant=False)
     layers = [m for m in plain.modules() if isinstance(m, bnb.nn.Linear4bit)]
     by_hand = sum(m.in_features * m.out_features // 2 + 4 * (m.in_features * m.out_features // 64) + 16 * 4
@@ -40,7 +41,8 @@ def test_no_dq_bytes_checker(offline_profile, capsys):
 
 def test_lesson04_checkers(offline_profile, tok, tmp_path):
     from datasets import Dataset
-    from qlora_helpers.chat_data import IGNORE_INDEX, padded_collator
+
+    from qlora_helpers.core.chat_data import IGNORE_INDEX, padded_collator
     rows = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]},
                               {"input_ids": [5, 6, 9, 9, 10, 11], "labels": [IGNORE_INDEX] * 4 + [10, 11]}])
     assert lesson04.check_label_share(4 / 10, rows) is True          # 4 labelled of 10 tokens, by hand
@@ -49,6 +51,7 @@ def test_lesson04_checkers(offline_profile, tok, tmp_path):
     assert lesson04.check_label_share(None, rows) is None
 
     from transformers import AutoConfig
+
     from qlora_helpers.lora import llama_lora_param_count
     cfg = AutoConfig.from_pretrained(offline_profile.model_source)
     want = llama_lora_param_count(cfg, 64)  # the kit's count by formula; PEFT counts inside the checker

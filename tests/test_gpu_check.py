@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from qlora_helpers import gpu_check
-from qlora_helpers import nf4
+from qlora_helpers import gpu_check, nf4
 from qlora_helpers.nf4 import midpoints, nf4_levels
 
 CPU_RESULTS = ["n/a", "pass", "pass", "pass", "pass", "pass", "pass", "n/a"]   # rows 1 and 8 need CUDA

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer, emulate_gpu
+from qlora_helpers.core.runtime import emulate_gpu, load_model, load_task_dataset, load_tokenizer
 
 
 @pytest.fixture(scope="module", params=["t4", "bf16"])
@@ -56,6 +56,7 @@ def test_01_lora_on_an_fp16_base_trains_in_fp32(t4, batches):
 
 def test_02_nf4_of_fp16_weights_is_bitsandbytes(t4):
     import bitsandbytes.functional as bnbF
+
     from qlora_helpers import nf4
     w = load_model(t4, quantized=False).model.layers[0].mlp.down_proj.weight.detach()   # fp16
     packed, absmax = nf4.quantize_nf4(w)
@@ -68,11 +69,13 @@ def test_04_qlora_trainer_steps_on_fp16_numerics(t4, tmp_path):
     finite, falling loss through Trainer. The CPU cannot run fp16 autocast in Trainer, so fp16=False
     here; the model's own numbers are fp16 as on a T4."""
     from transformers import Trainer
-    from qlora_helpers.recipe import recipe_for
-    from qlora_helpers.sft import TrainingHealthCallback, training_arguments
-    from qlora_helpers.recipe import prepare_qlora_model
+
+    from qlora_helpers.core.chat_data import padded_collator
+    from qlora_helpers.core.qlora_model import prepare_qlora_model
+    from qlora_helpers.core.recipe import recipe_for
+    from qlora_helpers.sft import training_arguments
+    from qlora_helpers.sft_checks import TrainingHealthCallback
     from qlora_helpers.sft_data import tokenize_dataset
-    from qlora_helpers.chat_data import padded_collator
     tok = load_tokenizer(t4)
     recipe = recipe_for(t4).replace(steps=6, lr=3e-3)
     model = prepare_qlora_model(load_model(t4), recipe)
@@ -89,8 +92,7 @@ def test_04_qlora_trainer_steps_on_fp16_numerics(t4, tmp_path):
 def test_05_fp16_logits_against_fp32_need_the_fp16_tolerance(t4, offline_profile):
     """A GPU's fp16 logits against fp32 ones: the kit's 1e-3 bound cannot hold (fp16 keeps 11 bits), the
     bound derived from the dtype does."""
-    from qlora_helpers.evaluation import logits_and_mask
-    from qlora_helpers.evaluation import logit_tolerance
+    from qlora_helpers.core.evaluation import logit_tolerance, logits_and_mask
     from qlora_helpers.merge import logit_gap
     tok = load_tokenizer(t4)
     texts = [f"<|im_start|>user\nRewrite 2024-0{i}-1{i}<|im_end|>\n" for i in range(1, 5)]
@@ -105,9 +107,10 @@ def test_05_merge_of_an_fp16_4bit_model_keeps_its_function(t4):
     """merge_to_fp on a T4-numerics model (fp16 4-bit compute, fp16 norms and embeddings): the merged fp32
     model computes what the adapter computes, within the bound fp16 allows."""
     from peft import get_peft_model
-    from qlora_helpers.evaluation import logit_tolerance, logits_and_mask
+
+    from qlora_helpers.core.evaluation import logit_tolerance, logits_and_mask
+    from qlora_helpers.core.recipe import KIT_LOOP
     from qlora_helpers.merge import merge_to_fp
-    from qlora_helpers.recipe import KIT_LOOP
     torch.manual_seed(0)
     model = get_peft_model(load_model(t4), KIT_LOOP.lora_config())
     for name, p in model.named_parameters():
@@ -136,7 +139,7 @@ def test_06_loftq_on_fp16_weights(t4):
 def test_the_switch_gives_every_cpu_profile_a_gpus_numerics(monkeypatch):
     """QLORA_KIT_GPU_EMULATION=t4|bf16 (how a whole notebook runs with 16-bit numerics on the CPU); another
     value is named with the choices."""
-    from qlora_helpers.runtime import GPU_EMULATION_ENV, get_profile
+    from qlora_helpers.core.runtime import GPU_EMULATION_ENV, get_profile
     for gpu, dtype, cap in (("t4", torch.float16, (7, 5)), ("bf16", torch.bfloat16, (8, 0))):
         monkeypatch.setenv(GPU_EMULATION_ENV, gpu)
         emulated = get_profile("offline", model="tiny")
@@ -155,6 +158,7 @@ def test_01_ours_and_peft_are_bit_identical_on_an_fp16_base(t4):
     dtype before it keeps it in fp32, adds the fp32 update to the fp16 output in fp32 and rounds once,
     and merges the fp32 ΔW with one rounding. The kit's ``LoRALinear`` does the same three things now."""
     from peft import LoraConfig, get_peft_model
+
     from qlora_helpers.lora import copy_lora_to_peft, inject_lora, lora_layers, merge_lora, randomize_lora
     torch.manual_seed(0)
     ours = inject_lora(load_model(t4, quantized=False), "all-linear", r=8, alpha=16)
@@ -186,7 +190,8 @@ def test_05_the_kits_dequantization_is_bitsandbytes_on_fp16_states(t4):
     the state's dtype, fp16 there, and the kit's fp32 values were compared unrounded; and after a CPU
     repack converted back, bitsandbytes computes the block constants in fp16 too (28 of 28 layers
     differed by an fp16 ulp before the kit did the same)."""
-    from qlora_helpers import cpu_layout, merge as M
+    from qlora_helpers import merge as M
+    from qlora_helpers.core import cpu_layout
     model = load_model(t4)
     layers = cpu_layout.linear4bit_modules(model)
     assert layers and {cpu_layout.standard_layout(m)[1].dtype for m in layers.values()} == {t4.compute_dtype}

@@ -83,7 +83,8 @@ def test_bad_arguments_raise(w, kw, msg):
 
 def test_apply_loftq_on_the_4bit_model(offline_profile):
     from peft import LoraConfig, get_peft_model
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     fp = load_model(offline_profile, quantized=False)
     model = get_peft_model(load_model(offline_profile),
                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"]))
@@ -101,7 +102,7 @@ def test_apply_loftq_on_the_4bit_model(offline_profile):
 def test_on_the_cpu_the_layers_backend_is_the_kits_nf4_with_double_quant(offline_profile):
     """LoftQ quantizes with the layer's own backend (loftq.layer_roundtrip); on the CPU that is, bit for bit,
     the kit's NF4 + double quantization, so the lesson's LoftQ is the kit's NF4 here."""
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.runtime import load_model
     model = load_model(offline_profile)
     layer = model.model.layers[0].mlp.up_proj
     w = load_model(offline_profile, quantized=False).model.layers[0].mlp.up_proj.weight.detach()
@@ -114,7 +115,8 @@ def test_apply_loftq_fits_the_q_the_layers_backend_writes(offline_profile, monke
     every matrix. LoftQ must fit its SVD to the Q the layer really holds (it raised before the fix)."""
     import bitsandbytes.functional as bf
     from peft import LoraConfig, get_peft_model
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     original = bf.quantize_4bit
 
     def other_kernel(*args, **kwargs):

@@ -11,8 +11,17 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qlora_helpers import lora
 from qlora_helpers.exercises import lesson01 as ex01
-from qlora_helpers.lora import (LoRALinear, copy_lora_to_peft, count_trainable, find_targets,
-                                inject_lora, lora_layers, merge_lora, randomize_lora, unmerge_lora)
+from qlora_helpers.lora import (
+    LoRALinear,
+    copy_lora_to_peft,
+    count_trainable,
+    find_targets,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    randomize_lora,
+    unmerge_lora,
+)
 
 FP32_EPS = torch.finfo(torch.float32).eps  # 2^-23: one ulp at 1.0
 
@@ -27,7 +36,7 @@ def _quiet():
 @pytest.fixture(scope="module")
 def load_fp(offline_profile):
     """A fresh full-precision (fp32) copy of the offline tiny Llama per call."""
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.runtime import load_model
     return lambda: load_model(offline_profile, quantized=False)
 
 
@@ -266,7 +275,7 @@ def test_double_injection_refused(load_fp):
 
 # ---- 4. training --------------------------------------------------------------------------------
 def test_training_moves_only_lora_and_lowers_loss(load_fp, offline_profile, tok):
-    from qlora_helpers.runtime import load_task_dataset
+    from qlora_helpers.core.runtime import load_task_dataset
     ds = load_task_dataset(offline_profile)
     batches = [lora.chat_batch(tok, ds["train"].select(range(i, i + 8))) for i in range(0, 64, 8)]
     held_out = lora.chat_batch(tok, ds["test"].select(range(16)))  # small for test speed

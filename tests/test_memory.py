@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from qlora_helpers import measured_memory, memory as M
+from qlora_helpers import measured_memory
+from qlora_helpers import memory as M
 
 
 @pytest.mark.parametrize("name", sorted(M.PUBLISHED_PARAMS))
@@ -94,7 +95,8 @@ def test_prediction_equals_measurement(offline_profile):
     """The loaded 4-bit model and the optimizer states after one step, to the byte."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     src = offline_profile.model_source
     model = load_model(offline_profile)
     got = measured_memory.loaded_model_bytes(model)
@@ -119,8 +121,9 @@ def test_prediction_equals_measurement(offline_profile):
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["gate_proj", "down_proj"]])
 def test_lora_shapes_agree_with_the_formula(name, targets):
     # Two independent counts: the meta-device model's real layers here, notebook 01's formula there.
-    from qlora_helpers.lora import llama_lora_param_count
     from transformers import LlamaConfig
+
+    from qlora_helpers.lora import llama_lora_param_count
     d = M.KNOWN_CONFIGS[name]
     cfg = LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
     assert sum(a * b for a, b in M.lora_shapes(name, 16, targets)) == llama_lora_param_count(cfg, 16, targets)
@@ -131,13 +134,13 @@ def test_activation_estimate_against_a_measurement(offline_profile):
     really saves for one training step of the offline model (fp32, no checkpointing). fp32 stores
     2x what the 16-bit formula counts, so the ratio must be near 2 (measured 2.17 at b4 s64 and
     1.98 at b8 s128); a formula off by a factor (hidden vs intermediate width, layers) leaves the band."""
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.qlora_model import prepare_qlora_model
+    from qlora_helpers.core.runtime import load_model
     from qlora_helpers.sft import lora_config
-    from qlora_helpers.recipe import prepare_qlora_model
     model = prepare_qlora_model(load_model(offline_profile), lora_config(16, 32, 0.0), gradient_checkpointing=False)
     model.train()
     ids = torch.randint(5, 2000, (8, 128), generator=torch.Generator().manual_seed(0))
-    from qlora_helpers.training import saved_tensor_bytes
+    from qlora_helpers.core.training import saved_tensor_bytes
     with saved_tensor_bytes() as saved:
         model(input_ids=ids, labels=ids, use_cache=False).loss
     ratio = saved.total / M.activation_bytes(offline_profile.model_source, 8, 128, gradient_checkpointing=False)
@@ -172,7 +175,7 @@ def test_the_course_models_config_matches_the_real_model(real_profile):
 
 
 def test_hub_ids_plan_offline_or_say_how(tmp_path):
-    from qlora_helpers.runtime import HUB_MODELS
+    from qlora_helpers.core.runtime import HUB_MODELS
     for name, hub_id in HUB_MODELS.items():
         assert M.count_params(hub_id) == M.PUBLISHED_PARAMS[name]          # no download needed
     with pytest.raises(FileNotFoundError, match="hub model 'someone/unknown-7b'.*config.json"):
@@ -180,8 +183,8 @@ def test_hub_ids_plan_offline_or_say_how(tmp_path):
 
 
 def test_gpu_training_peak_refuses_a_cpu_model(real_profile):
-    from qlora_helpers.recipe import KIT_SFT
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.recipe import KIT_SFT
+    from qlora_helpers.core.runtime import load_model
     model = load_model(real_profile)
     with pytest.raises(RuntimeError, match="model is on cpu.*QLORA_KIT_PROFILE=gpu"):
         measured_memory.gpu_training_peak(model, KIT_SFT, torch.float16)

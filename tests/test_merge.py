@@ -1,12 +1,14 @@
 """qlora_helpers.merge: merges checked against PEFT's merge_and_unload, bitsandbytes' dequantize_4bit
-and the kit's own NF4 + double quantization; the CPU repack trap (TROUBLESHOOTING.md, qlora_helpers.cpu_layout) simulated with
+and the kit's own NF4 + double quantization; the CPU repack trap (TROUBLESHOOTING.md, qlora_helpers.core.cpu_layout) simulated with
 bitsandbytes' own repack function, so the defence is exercised on CPUs without AVX512-BF16 too."""
 import json
 
 import pytest
 import torch
 
-from qlora_helpers import adapters, cpu_layout, evaluation, merge as M
+from qlora_helpers import adapters
+from qlora_helpers import merge as M
+from qlora_helpers.core import cpu_layout, evaluation
 from qlora_helpers.exercises import lesson05 as ex05
 
 R = 4  # small for test speed
@@ -14,14 +16,15 @@ R = 4  # small for test speed
 
 @pytest.fixture(scope="module")
 def texts(tok):
-    from qlora_helpers.runtime import load_task_dataset
+    from qlora_helpers.core.runtime import load_task_dataset
     return M.conversation_texts(tok, load_task_dataset()["test"].select(range(4)))
 
 
 def lora_4bit(profile, seed: int = 0, r: int = R):
     """A PEFT model on the 4-bit base with a non-zero adapter (default init B = 0 proves nothing)."""
     from peft import get_peft_model
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     from qlora_helpers.sft import lora_config
     torch.manual_seed(seed)
     model = get_peft_model(load_model(profile), lora_config(r=r, lora_alpha=2 * r))  # load_model: no CPU repack
@@ -62,7 +65,7 @@ def test_merge_to_fp_equals_dequantized_base_plus_delta(offline_profile, texts, 
 
 def test_merge_to_fp_equals_peft_merge_on_dequantized_base(offline_profile, tmp_path):
     """Oracle: PEFT's own merge_and_unload into a full-precision model holding dequant(Q(W))."""
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.runtime import load_model
     model = lora_4bit(offline_profile)
     adapters.save_adapter(model, tmp_path / "a")
     fp = load_model(offline_profile, quantized=False)
@@ -166,7 +169,8 @@ def test_save_and_reload_without_peft(offline_profile, tok, texts, tmp_path):
 
 def test_adapter_of_another_shape_is_refused(offline_profile, tmp_path):
     from transformers import AutoModelForCausalLM
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     adapters.save_adapter(lora_4bit(offline_profile), tmp_path / "a")
     fp = load_model(offline_profile, quantized=False)
     cfg = fp.config.__class__.from_dict({**fp.config.to_dict(), "intermediate_size": 256})
@@ -185,9 +189,11 @@ def test_train_adapter_trains_only_lora(offline_profile, tok):
     # adapters.train_adapter is what notebook 05 trains when 04's adapter is missing: the shared loop
     # (training.train_loop) on the 4-bit base must lower the loss and leave the base bytes alone.
     from peft import get_peft_model
-    from qlora_helpers.runtime import load_model, load_task_dataset
-    from qlora_helpers.recipe import KIT_LOOP
-    from qlora_helpers.sft import base_tensor_hashes, lora_config
+
+    from qlora_helpers.core.recipe import KIT_LOOP
+    from qlora_helpers.core.runtime import load_model, load_task_dataset
+    from qlora_helpers.sft import lora_config
+    from qlora_helpers.sft_checks import base_tensor_hashes
     torch.manual_seed(0)
     model = get_peft_model(load_model(offline_profile), lora_config(r=R, lora_alpha=2 * R))
     before = base_tensor_hashes(model)
@@ -252,7 +258,7 @@ def test_a_changed_recipe_trains_anew_instead_of_reloading_the_old_adapter(offli
     """The stale-cache hazard: task_adapter cached under "date-r16-all-linear-<steps>", so a recipe with another
     rank, alpha or lr silently reloaded the old adapter. Each adapter now records the recipe that trained it
     (kit_recipe.json) and is reused only for that recipe."""
-    from qlora_helpers.recipe import KIT_LOOP, recipe_for
+    from qlora_helpers.core.recipe import KIT_LOOP, recipe_for
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))
     small = KIT_LOOP.replace(steps=2, batch_size=2)                       # small for test speed
     _, first = adapters.task_adapter(offline_profile, small)

@@ -8,8 +8,7 @@ from bitsandbytes import functional as bnbF
 
 from qlora_helpers import nf4
 from qlora_helpers.exercises import lesson02 as ex02
-from qlora_helpers.nf4 import (ALLOWED_BLOCKSIZES, FLOAT_DTYPES, dequantize_nf4, nf4_levels,
-                               quantize_nf4)
+from qlora_helpers.nf4 import ALLOWED_BLOCKSIZES, FLOAT_DTYPES, dequantize_nf4, nf4_levels, quantize_nf4
 
 DTYPES = list(FLOAT_DTYPES)
 # Sizes divisible by the block, not divisible, odd (a padded nibble), odd last dim, 1-D, 3-D.

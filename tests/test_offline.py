@@ -5,8 +5,8 @@ import random
 import bitsandbytes as bnb
 import torch
 
-from qlora_helpers import offline
-from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer
+from qlora_helpers.core import date_task, offline, tiny_model
+from qlora_helpers.core.runtime import load_model, load_task_dataset, load_tokenizer
 
 
 def test_assets_are_standard_hf_files(assets):
@@ -14,7 +14,7 @@ def test_assets_are_standard_hf_files(assets):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     cfg = json.loads((assets.model_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
-    # widths are multiples of 64 (qlora_helpers.cpu_layout: the CPU repack needs out_features % 32 == 0)
+    # widths are multiples of 64 (qlora_helpers.core.cpu_layout: the CPU repack needs out_features % 32 == 0)
     assert all(cfg[k] % 64 == 0 for k in ("hidden_size", "intermediate_size", "vocab_size"))
 
 
@@ -25,7 +25,7 @@ def test_base_model_is_pretrained_not_random(assets, offline_profile):
     tok = load_tokenizer(offline_profile)
     model = load_model(offline_profile, quantized=False)
     text = json_module.__doc__
-    corpus = " ".join(offline.pretraining_text())
+    corpus = " ".join(tiny_model.pretraining_text())
     assert not any(line.strip() in corpus for line in text.splitlines() if len(line.strip()) > 30)
     ids = tok(text, return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
@@ -68,22 +68,22 @@ def test_task_splits_are_disjoint_and_correct(assets, offline_profile):
 
 
 def test_test_dates_never_appear_in_pretraining_text():
-    splits = offline.make_task_splits()
+    splits = date_task.make_task_splits()
     test = {r["answer"] for r in splits["test"]}
-    text = " ".join(offline.pretraining_text(exclude=test))
+    text = " ".join(tiny_model.pretraining_text(exclude=test))
     assert not any(a in text for a in test)
     assert sum(a in text for a in (r["answer"] for r in splits["train"][:200])) > 0  # the check can fire
 
 
 def test_task_generation_is_deterministic():
-    a, b = offline.make_task_splits(n_train=50, n_test=10), offline.make_task_splits(n_train=50, n_test=10)
+    a, b = date_task.make_task_splits(n_train=50, n_test=10), date_task.make_task_splits(n_train=50, n_test=10)
     assert a == b
-    assert offline.make_task_example(random.Random(0)) == offline.make_task_example(random.Random(0))
+    assert date_task.make_task_example(random.Random(0)) == date_task.make_task_example(random.Random(0))
 
 
 def test_shipped_assets_are_verified_fixed_bytes(assets):
     """The model the committed results were made with is shipped, and every file is checked."""
-    from qlora_helpers.artifacts import verify_manifest
+    from qlora_helpers.core.artifacts import verify_manifest
     hashes = verify_manifest(offline.ASSETS_DIR)
     assert sorted(hashes) == sorted(offline.ASSET_FILES)
     assert assets.root == offline.ASSETS_DIR and assets.model_dir == offline.ASSETS_DIR / "model"
@@ -99,7 +99,8 @@ def _copy_assets(tmp_path, monkeypatch):
 
 def test_altered_model_file_is_a_clear_error(tmp_path, monkeypatch):
     import pytest
-    from qlora_helpers.artifacts import ArtifactMismatchError, sha256_file
+
+    from qlora_helpers.core.artifacts import ArtifactMismatchError, sha256_file
     copy = _copy_assets(tmp_path, monkeypatch)
     offline.ensure_offline_assets()                       # the copy itself is fine
     f = copy / "model" / "model.safetensors"
@@ -116,7 +117,8 @@ def test_altered_model_file_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_missing_file_is_a_clear_error(tmp_path, monkeypatch):
     import pytest
-    from qlora_helpers.artifacts import ArtifactMismatchError
+
+    from qlora_helpers.core.artifacts import ArtifactMismatchError
     copy = _copy_assets(tmp_path, monkeypatch)
     (copy / "data" / "test.jsonl").unlink()
     with pytest.raises(ArtifactMismatchError, match="test.jsonl is missing"):
@@ -126,16 +128,16 @@ def test_missing_file_is_a_clear_error(tmp_path, monkeypatch):
 def test_builder_still_runs_and_reports_what_differs(tmp_path):
     """The builder is the documented way to a new base: a 2-step build here (the real one is 500)
     makes the same task data (pure Python, any CPU) and a different model, and says so."""
-    differ = offline.build_offline_assets_checked(tmp_path / "b", log=lambda *_: None, pretrain_steps=2)
+    differ = tiny_model.build_offline_assets_checked(tmp_path / "b", log=lambda *_: None, pretrain_steps=2)
     assert "model/model.safetensors" in differ
     assert not {"data/train.jsonl", "data/test.jsonl"} & set(differ)
 
 
 def test_batched_generation_equals_one_by_one(offline_profile):
     """Left padding must not change greedy answers (a wrong padding side would)."""
-    from qlora_helpers.evaluation import exact_match, generate_answers
+    from qlora_helpers.core.evaluation import exact_match, generate_answers
     tok, model = load_tokenizer(offline_profile), load_model(offline_profile, quantized=False)
-    prompts = [r["prompt"] for r in offline.make_task_splits(n_train=0, n_test=6)["test"]]
+    prompts = [r["prompt"] for r in date_task.make_task_splits(n_train=0, n_test=6)["test"]]
     batched = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=6)
     single = [generate_answers(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
     assert batched == single and tok.padding_side == "right"
@@ -148,9 +150,10 @@ def test_package_data_ships_every_asset():
     """A pip install (Colab's setup cell) must carry the model: every manifest file is matched by
     a package-data pattern in pyproject.toml (setuptools globs do not cross '/')."""
     import fnmatch
-    import tomllib
     from pathlib import Path
-    root = Path(offline.__file__).resolve().parent
+
+    import tomllib
+    root = Path(offline.__file__).resolve().parent.parent   # the package (offline lives in core/)
     patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qlora_helpers"]
     rel = offline.ASSETS_DIR.relative_to(root)
     for f in offline.ASSET_FILES + ["MANIFEST.json"]:
@@ -161,10 +164,11 @@ def test_package_data_ships_every_asset():
 def test_every_subpackage_is_installed():
     """A pip install (not editable) carries only the packages pyproject.toml finds: every folder of
     qlora_helpers with Python files must be one of them (qlora_helpers.exercises was once left out)."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
     from setuptools import find_packages
-    root = Path(offline.__file__).resolve().parent
+    root = Path(offline.__file__).resolve().parent.parent   # the package (offline lives in core/)
     find = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     found = set(find_packages(str(root.parent), include=find["include"]))
     folders = {".".join(p.parent.relative_to(root.parent).parts) for p in root.rglob("*.py")}

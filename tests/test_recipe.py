@@ -1,10 +1,10 @@
-"""qlora_helpers.recipe: one frozen recipe, checked once, read by every training in the kit."""
+"""qlora_helpers.core.recipe: one frozen recipe, checked once, read by every training in the kit."""
 import dataclasses
 
 import pytest
 import torch
 
-from qlora_helpers import recipe as R
+from qlora_helpers.core import recipe as R
 
 
 @pytest.mark.parametrize("field,value,msg", [
@@ -29,8 +29,9 @@ def test_frozen_and_replace_makes_a_new_recipe():
 def test_lora_config_reaches_peft(offline_profile):
     """PEFT is the oracle: the recipe's scaling is the layer's, and its trainable count is the formula's."""
     from peft import get_peft_model
+
+    from qlora_helpers.core.runtime import load_model
     from qlora_helpers.lora import llama_lora_param_count
-    from qlora_helpers.runtime import load_model
     for recipe in (R.KIT_SFT, R.ABLATION_BASELINE.replace(r=64, use_rslora=True),
                    R.ABLATION_BASELINE.replace(target_modules=["q_proj", "v_proj"])):
         model = get_peft_model(load_model(offline_profile, quantized=False), recipe.lora_config())
@@ -64,3 +65,13 @@ def test_the_paper_scripts_constant_schedule_has_no_warmup():
             got.append(opt.param_groups[0]["lr"])
         assert got == pytest.approx(want), name
     assert all(p.warmup_steps == 0 for p in R.QLORA_PAPER.values())
+
+
+def test_targets_that_match_nothing_are_refused_with_what_exists(offline_profile):
+    """Nothing silently does nothing: a recipe whose targets match no layer stops with the targets asked
+    and the linear layers the model has (PEFT's own message names only the first)."""
+    from qlora_helpers.core.qlora_model import prepare_qlora_model
+    from qlora_helpers.core.recipe import KIT_SFT_TINY
+    from qlora_helpers.core.runtime import load_model
+    with pytest.raises(ValueError, match=r"target_modules=\['qproj'\].*'q_proj'"):
+        prepare_qlora_model(load_model(offline_profile), KIT_SFT_TINY.replace(target_modules=("qproj",)))

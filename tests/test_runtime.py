@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from qlora_helpers import real_model, runtime
-from qlora_helpers.runtime import (HubUnreachableError, compute_dtype_for, get_profile,
-                                   optimizer_for)
+from qlora_helpers.core import real_model, runtime
+from qlora_helpers.core.runtime import HubUnreachableError, compute_dtype_for, get_profile, optimizer_for
 
 
 @pytest.mark.parametrize("cap, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -22,7 +21,8 @@ def test_the_optimizer_names_are_ones_transformers_builds():
     8-bit AdamW on a GPU, torch's AdamW on the CPU (transformers is the oracle)."""
     import bitsandbytes as bnb
     from transformers import Trainer, TrainingArguments
-    from qlora_helpers.training import OPTIMIZERS, build_optimizer
+
+    from qlora_helpers.core.training import OPTIMIZERS, build_optimizer
 
     def trainer_builds(name):
         return Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", optim=name))
@@ -97,7 +97,8 @@ def test_threads_are_an_explicit_call(monkeypatch):
     """Reading a profile leaves torch alone; use_threads sets it ($QLORA_KIT_THREADS, else 1 for the
     tiny model and the machine's cores for the real one)."""
     import torch
-    from qlora_helpers.runtime import THREADS_ENV, get_profile, use_threads
+
+    from qlora_helpers.core.runtime import THREADS_ENV, get_profile, use_threads
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -7,11 +7,19 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_helpers.sft import TrainingHealthCallback, lora_config, lora_parameters, precision_flags, training_arguments
-from qlora_helpers.recipe import prepare_qlora_model
-from qlora_helpers.training import TrainingAlarm, check_loss
-from qlora_helpers.sft_data import packed_collator, packing_error, pad_share, show_labels, tokenize_chat, tokenize_dataset
-from qlora_helpers.chat_data import IGNORE_INDEX, padded_collator
+from qlora_helpers.core.chat_data import IGNORE_INDEX, padded_collator
+from qlora_helpers.core.qlora_model import prepare_qlora_model
+from qlora_helpers.core.training import TrainingAlarm, check_loss
+from qlora_helpers.sft import lora_config, precision_flags, training_arguments
+from qlora_helpers.sft_checks import TrainingHealthCallback, lora_parameters
+from qlora_helpers.sft_data import (
+    packed_collator,
+    packing_error,
+    pad_share,
+    show_labels,
+    tokenize_chat,
+    tokenize_dataset,
+)
 
 ROW = {"messages": [{"role": "user", "content": "Rewrite the date 2024-03-17 as DD/MM/YYYY."},
                     {"role": "assistant", "content": "17/03/2024"}]}
@@ -19,7 +27,7 @@ ROW = {"messages": [{"role": "user", "content": "Rewrite the date 2024-03-17 as 
 
 @pytest.fixture(scope="module")
 def fp_model(offline_profile):
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.runtime import load_model
     return load_model(offline_profile, quantized=False).eval()
 
 
@@ -56,7 +64,7 @@ def test_pad_share_by_hand(tok):
 
 
 def test_packed_logits_equal_alone_only_without_cache(fp_model, tok, offline_profile):
-    from qlora_helpers.runtime import load_task_dataset
+    from qlora_helpers.core.runtime import load_task_dataset
     rows = load_task_dataset(offline_profile)["test"].select(range(3))
     examples = [tokenize_chat(r, tok)["input_ids"] for r in rows]
     assert packing_error(fp_model, examples, use_cache=False) < 1e-4     # fp32 reduction-order noise
@@ -76,7 +84,7 @@ def test_precision_flags_follow_the_profile(offline_profile, gpu):
     """Trainer's autocast flag names the profile's compute dtype: fp16 on a T4 (the bf16 flag there would ask
     for bf16 that a T4 only emulates), bf16 from compute capability 8; none on the CPU. The GPU's dtype comes
     from runtime's rule (emulate_gpu), not from this test."""
-    from qlora_helpers.runtime import emulate_gpu
+    from qlora_helpers.core.runtime import emulate_gpu
     assert precision_flags(offline_profile) == {"bf16": False, "fp16": False}
     gpu_profile = dataclasses.replace(emulate_gpu(offline_profile, gpu), device="cuda")
     flags = precision_flags(gpu_profile)
@@ -87,7 +95,8 @@ def test_few_trainer_steps_train_lora_only(offline_profile, tok, tmp_path):
     import bitsandbytes as bnb
     from datasets import Dataset
     from transformers import Trainer
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     torch.manual_seed(0)
     model = prepare_qlora_model(load_model(offline_profile), lora_config())
     wrapped = {n.split(".lora_A")[0] for n in lora_parameters(model) if "lora_A" in n}
@@ -116,7 +125,7 @@ class _State:
 
 # ---- the plain loop shared by adapters.train_adapter and the ablations ------------------------------
 def test_warmup_then_constant():
-    from qlora_helpers.training import warmup_lr
+    from qlora_helpers.core.training import warmup_lr
     assert [warmup_lr(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
@@ -142,7 +151,7 @@ def _date_rows(n):
 
 
 def test_saved_tensor_bytes_by_hand():
-    from qlora_helpers.training import saved_tensor_bytes
+    from qlora_helpers.core.training import saved_tensor_bytes
     w = torch.nn.Parameter(torch.randn(64, 32))
     x = torch.randn(10, 64)
     with saved_tensor_bytes() as saved:
@@ -154,8 +163,8 @@ def test_saved_tensor_bytes_by_hand():
 
 
 def test_train_loop_schedules_clips_and_counts(offline_profile, tok):
-    from qlora_helpers.runtime import load_model
-    from qlora_helpers.training import train_loop
+    from qlora_helpers.core.runtime import load_model
+    from qlora_helpers.core.training import train_loop
     from qlora_helpers.sft_data import shuffled_batches
     torch.manual_seed(0)
     model = prepare_qlora_model(load_model(offline_profile), lora_config(8, 16, 0.0), gradient_checkpointing=False)
@@ -181,8 +190,8 @@ def test_train_loop_schedules_clips_and_counts(offline_profile, tok):
 def test_tokens_per_second_counts_real_tokens_and_leaves_weights(offline_profile, tok):
     """Throughput is timed over real training steps (the one loop) at learning rate 0: the weights
     must not move, the pad share must be the hand count, and the rate times the time the real tokens."""
-    from qlora_helpers.runtime import load_model
-    from qlora_helpers.sft import tokens_per_second
+    from qlora_helpers.core.runtime import load_model
+    from qlora_helpers.throughput import tokens_per_second
     torch.manual_seed(0)
     model = prepare_qlora_model(load_model(offline_profile), lora_config(8, 16, 0.0), gradient_checkpointing=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -233,7 +242,8 @@ def test_a_nan_loss_reaches_the_alarm_through_trainer(offline_profile, tok, tmp_
     in the mean of the finite steps."""
     from datasets import Dataset
     from transformers import Trainer
-    from qlora_helpers.runtime import load_model
+
+    from qlora_helpers.core.runtime import load_model
     torch.manual_seed(0)
     model = prepare_qlora_model(load_model(offline_profile), lora_config(), gradient_checkpointing=False)
     train = tokenize_dataset(Dataset.from_list([ROW] * 16), tok)
@@ -252,8 +262,8 @@ def test_a_nan_loss_reaches_the_alarm_through_trainer(offline_profile, tok, tmp_
 def test_a_recipe_prepares_the_model_as_its_trainer_arguments_say(offline_profile, tmp_path):
     """prepare_qlora_model(model, recipe) takes the recipe's LoRA and its checkpointing setting,
     the one training_arguments reads, so model and trainer cannot disagree."""
-    from qlora_helpers.recipe import KIT_SFT
-    from qlora_helpers.runtime import load_model
+    from qlora_helpers.core.recipe import KIT_SFT
+    from qlora_helpers.core.runtime import load_model
     for recipe in (KIT_SFT, KIT_SFT.replace(gradient_checkpointing=True, r=8)):
         model = prepare_qlora_model(load_model(offline_profile), recipe)
         assert model.peft_config["default"].r == recipe.r
@@ -265,7 +275,7 @@ def test_a_recipe_prepares_the_model_as_its_trainer_arguments_say(offline_profil
 
 def test_run_sft_is_the_lesson_in_one_call(offline_profile, tmp_path):
     """The capstone's code path (notebook 04 §11 runs it on a 7B model on a GPU), on the tiny model."""
-    from qlora_helpers.recipe import recipe_for
+    from qlora_helpers.core.recipe import recipe_for
     from qlora_helpers.sft import run_sft
     recipe = recipe_for(offline_profile).replace(steps=60)
     got = run_sft(offline_profile, str(tmp_path), recipe, n_test=10, log=lambda *a: None)
@@ -273,8 +283,8 @@ def test_run_sft_is_the_lesson_in_one_call(offline_profile, tmp_path):
     assert got["losses"][-1] < 0.5 * got["losses"][0], got["losses"]        # it trained
     # what it measured is what the kit's own functions give for the same run: the longest training row,
     # and the planner's estimate for that row length, rank and batch (the planner is the oracle)
+    from qlora_helpers.core.runtime import load_task_dataset, load_tokenizer
     from qlora_helpers.memory import estimate_memory
-    from qlora_helpers.runtime import load_task_dataset, load_tokenizer
     from qlora_helpers.sft_data import tokenize_dataset
     rows = tokenize_dataset(load_task_dataset(offline_profile)["train"], load_tokenizer(offline_profile))
     assert got["seq_len"] == max(len(x) for x in rows["input_ids"])

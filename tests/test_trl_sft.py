@@ -7,14 +7,14 @@ and collator, and the model's loss on the kit's padded batch.
 import pytest
 import torch
 
+from qlora_helpers.core.chat_data import IGNORE_INDEX, padded_collator
 from qlora_helpers.sft_data import tokenize_chat, tokenize_dataset
-from qlora_helpers.chat_data import IGNORE_INDEX, padded_collator
 from qlora_helpers.trl_sft import compare_labels, loss_gaps, sft_config, training_chat_template, unpacked_rows
 
 
 @pytest.fixture(scope="module", params=["tiny", "smollm2"])
 def marked_tok(request, assets, real_profile):
-    from qlora_helpers.runtime import get_profile, load_tokenizer
+    from qlora_helpers.core.runtime import get_profile, load_tokenizer
     profile = get_profile("offline", model=request.param)
     tok = load_tokenizer(profile)
     original = load_tokenizer(profile)
@@ -23,7 +23,7 @@ def marked_tok(request, assets, real_profile):
 
 
 def test_marked_template_renders_the_same_text_and_masks_the_kit_labels(marked_tok):
-    from qlora_helpers.runtime import load_task_dataset
+    from qlora_helpers.core.runtime import load_task_dataset
     profile, tok, original = marked_tok
     rows = load_task_dataset(profile)["train"].select(range(40))
     for row in rows:
@@ -47,7 +47,7 @@ def test_unknown_templates_are_refused_with_the_fix_and_marked_ones_kept(marked_
 
 
 def test_sft_config_reads_the_same_dict_as_the_kits_training_arguments(offline_profile, tmp_path):
-    from qlora_helpers.recipe import KIT_SFT
+    from qlora_helpers.core.recipe import KIT_SFT
     from qlora_helpers.sft import training_arguments, training_kwargs
     rec = KIT_SFT.replace(lr=3e-4, steps=12, warmup_steps=4, batch_size=4, max_grad_norm=0.5, seed=7)
     cfg = sft_config(offline_profile, str(tmp_path), rec, packing=True, max_length=256)
@@ -62,9 +62,10 @@ def test_trl_packed_dataset_holds_the_kit_rows(offline_profile, tok, tmp_path, a
     """TRL's own preparation (tokenize, build labels, best-fit packing) gives back every kit row with the
     kit's labels; without assistant_only_loss TRL trains on the prompt too and no row matches."""
     from trl import SFTTrainer
-    from qlora_helpers.runtime import load_model, load_task_dataset, load_tokenizer, quiet_datasets
+
+    from qlora_helpers.core.qlora_model import prepare_qlora_model
+    from qlora_helpers.core.runtime import load_model, load_task_dataset, load_tokenizer, quiet_datasets
     from qlora_helpers.sft import lora_config
-    from qlora_helpers.recipe import prepare_qlora_model
     rows = load_task_dataset(offline_profile)["train"].select(range(64))
     trl_tok = load_tokenizer(offline_profile)
     trl_tok.chat_template = training_chat_template(trl_tok)
@@ -83,7 +84,8 @@ def test_trl_packed_dataset_holds_the_kit_rows(offline_profile, tok, tmp_path, a
 def test_trl_padding_free_batch_has_the_kit_loss(offline_profile, tok):
     """The same 4 rows: the kit's padded batch and TRL's padding-free collation give the same loss."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    from qlora_helpers.runtime import load_model, load_task_dataset
+
+    from qlora_helpers.core.runtime import load_model, load_task_dataset
     rows = list(tokenize_dataset(load_task_dataset(offline_profile)["train"].select(range(4)), tok))
     model = load_model(offline_profile)
     with torch.no_grad():

@@ -3,15 +3,15 @@
 layer's quantization state, as ``QuantState.as_dict`` lists them."""
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import torch
 
-from ..runtime import load_model
+from ..core.runtime import load_model
 from . import attempted, expect
 
 
 def linear4bit_bytes(model) -> int:
     """Bytes of every ``Linear4bit`` weight: packed codes plus every tensor of its quantization state."""
-    import bitsandbytes as bnb
     total = 0
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
+from transformers import LlamaConfig
 
 from ..lora import LoRALinear, llama_lora_param_count, lora_scaling
 from . import attempted, expect
@@ -16,7 +17,6 @@ def check_exercise_1(answer) -> bool | None:
     v_proj only (the LoRA paper's choice for GPT-3): how many trainable parameters?"""
     if not attempted(answer, "Exercise 1"):
         return None   # waiting: nothing to display below the hint
-    from transformers import LlamaConfig
     cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000)
     expected = llama_lora_param_count(cfg, 8, ["q_proj", "v_proj"])

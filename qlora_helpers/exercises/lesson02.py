@@ -6,9 +6,18 @@ import math
 from typing import Callable
 
 import torch
+from bitsandbytes.functional import get_4bit_type, quantize_4bit
 
-from ..nf4 import (NF4_OFFSET, blockwise_bits_per_param, fp4_levels, int4_levels, nf4_levels, paper_offset,
-                   quantization_error)
+from ..nf4 import (
+    DEFAULT_BLOCKSIZE,
+    NF4_OFFSET,
+    blockwise_bits_per_param,
+    fp4_levels,
+    int4_levels,
+    nf4_levels,
+    paper_offset,
+    quantization_error,
+)
 from . import attempted, expect
 
 
@@ -17,7 +26,6 @@ def check_nf4_level_count(levels) -> bool | None:
     bitsandbytes' table exactly."""
     if not attempted(levels, "Exercise 1"):
         return None   # waiting: nothing to display below the hint
-    from bitsandbytes.functional import get_4bit_type
     levels = torch.as_tensor(levels)
     expect(levels.numel() == 16, f"NF4 has 16 levels (4 bits), got {levels.numel()}")
     neg, zero, pos = int((levels < 0).sum()), int((levels == 0).sum()), int((levels > 0).sum())
@@ -46,12 +54,11 @@ def check_pack(pack_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool | None:
     checked against ``quantize_4bit`` on values that sit exactly on NF4 levels."""
     if not attempted(pack_fn, "Exercise 3"):
         return None   # waiting: nothing to display below the hint
-    from bitsandbytes.functional import quantize_4bit
     g = torch.Generator().manual_seed(3)
     for n in (64, 63):  # even and odd counts
         codes = torch.randint(0, 16, (n,), generator=g)
         codes[0] = 15  # level 1.0 sets the block's absmax to 1
-        want = quantize_4bit(nf4_levels()[codes], blocksize=64, quant_type="nf4")[0].reshape(-1)
+        want = quantize_4bit(nf4_levels()[codes], blocksize=DEFAULT_BLOCKSIZE, quant_type="nf4")[0].reshape(-1)
         got = torch.as_tensor(pack_fn(codes)).reshape(-1)
         expect(got.dtype == torch.uint8 and got.numel() == want.numel(), f"n={n}: want uint8 with {want.numel()} bytes, got {got.dtype} with {got.numel()}")
         expect(torch.equal(got, want), f"n={n}: bytes differ from bitsandbytes (first {got[:2].tolist()} vs {want[:2].tolist()}): "

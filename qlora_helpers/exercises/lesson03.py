@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from bitsandbytes.functional import quantize_4bit
 
 from ..double_quant import bits_per_param, measured_bytes
 from . import attempted, expect
@@ -25,7 +26,6 @@ def check_layer_bytes(shape: tuple[int, int], answer) -> bool | None:
     """Exercise 2: total bytes bitsandbytes stores for an NF4+DQ weight of ``shape``."""
     if not attempted(answer, "Exercise 2"):
         return None   # waiting: nothing to display below the hint
-    from bitsandbytes.functional import quantize_4bit
     w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     packed, state = quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     want = sum(measured_bytes(packed, state).values())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import torch
+from datasets import Dataset
+from transformers import Trainer
 
-from ..chat_data import IGNORE_INDEX
-from ..recipe import QLORA_PAPER, recipe_for
-from ..runtime import load_model
-from ..sft import TrainingHealthCallback, training_arguments
-from ..recipe import prepare_qlora_model
+from ..core.chat_data import IGNORE_INDEX
+from ..core.qlora_model import prepare_qlora_model
+from ..core.recipe import QLORA_PAPER, recipe_for
+from ..core.runtime import load_model
+from ..sft import training_arguments
+from ..sft_checks import TrainingHealthCallback
 from . import attempted, expect
 
 
@@ -40,8 +43,6 @@ def check_paper_trainable(answer, profile) -> bool | None:
 def all_masked_alarm(profile, train_ds, collator, output_dir) -> str:
     """Exercise 3: two rows whose labels are all ``IGNORE_INDEX``, two ``Trainer`` steps with
     ``TrainingHealthCallback``; returns the alarm that stopped training ("no alarm" if none did)."""
-    from datasets import Dataset
-    from transformers import Trainer
     rows = [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX] * len(r["labels"])} for r in train_ds.select(range(2))]
     torch.manual_seed(0)
     model = prepare_qlora_model(load_model(profile), recipe_for(profile))

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import LoraLayer
 
+from ..core.recipe import KIT_SFT
 from ..lora import llama_lora_param_count
 from ..merge import merged_weight
-from ..recipe import KIT_SFT
 from . import attempted, expect
 
 
 def check_merged_layer(merged_weight_fn, model) -> bool | None:
     """``merged_weight_fn(lora_layer) -> (out, in) tensor``: W + ΔW of one PEFT LoRA layer on a
     4-bit base, by hand (dequantize, then add ``scaling * B @ A``). Checked on every layer."""
-    from peft.tuners.lora import LoraLayer
     layers = [m for m in model.get_base_model().modules() if isinstance(m, LoraLayer)]
     if not attempted(merged_weight_fn(layers[0]), "Exercise 1"):
         return None   # waiting: nothing to display below the hint

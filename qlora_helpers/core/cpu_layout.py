@@ -13,7 +13,7 @@ the kit's model, after one eval forward of four tokens ``dequantize_4bit`` on
 (``TROUBLESHOOTING.md``, "The CPU repack"). On CPUs without the feature nothing happens, so the
 same notebook gives different answers on different machines.
 
-The defence, applied by :func:`qlora_helpers.runtime.load_model` to every 4-bit model it loads
+The defence, applied by :func:`qlora_helpers.core.runtime.load_model` to every 4-bit model it loads
 (:func:`defend`): convert any repacked layer back with bitsandbytes' own inverse
 (``_convert_weight_packed_for_cpu_inverse``, what ``Linear4bit._save_to_state_dict`` calls), then
 set ``support_avx512bf16_for_cpu = False`` on every layer so that evaluating, generating or
@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import copy
 
+import bitsandbytes as bnb
 import torch.nn as nn
+from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
 
 
 def is_4bit(module: nn.Module) -> bool:
     """True for a bitsandbytes ``Linear4bit`` (NF4 or FP4)."""
-    import bitsandbytes as bnb
     return isinstance(module, bnb.nn.Linear4bit)
 
 
@@ -56,7 +57,6 @@ def standard_layout(module: nn.Module):
     w = module.weight
     if not is_repacked(module):
         return w.data, w.quant_state
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     return _convert_weight_packed_for_cpu_inverse(w.data.clone(), copy.deepcopy(w.quant_state))
 
 
@@ -83,7 +83,7 @@ def keep_standard_layout(model: nn.Module) -> nn.Module:
 
 def defend(model: nn.Module) -> nn.Module:
     """The kit's one defence, whatever ran before: restore any repacked layer, then forbid the
-    repack. In place; returns ``model``. :func:`qlora_helpers.runtime.load_model` calls it."""
+    repack. In place; returns ``model``. :func:`qlora_helpers.core.runtime.load_model` calls it."""
     restore_standard_layout(model)
     return keep_standard_layout(model)
 
@@ -96,8 +96,8 @@ def check_standard_layout(model: nn.Module) -> None:
             state = "is repacked" if is_repacked(m) else "may be repacked by its next eval forward"
             raise RuntimeError(
                 f"4-bit layer {name} {state} (bitsandbytes' AVX512-BF16 CPU layout), so its bytes "
-                f"are not NF4 as stored. Load models with qlora_helpers.runtime.load_model, or "
-                f"call qlora_helpers.cpu_layout.defend(model) first.")
+                f"are not NF4 as stored. Load models with qlora_helpers.core.runtime.load_model, or "
+                f"call qlora_helpers.core.cpu_layout.defend(model) first.")
 
 
 def simulate_cpu_repack(model: nn.Module) -> int:
@@ -110,7 +110,6 @@ def simulate_cpu_repack(model: nn.Module) -> int:
             has it, and bitsandbytes' function would write a layout no CUDA kernel reads. Load a CPU copy
             (``get_profile("offline")``), as notebook 05 does on a GPU.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
     mods = [m for m in linear4bit_modules(model).values() if not is_repacked(m)]
     elsewhere = sorted({m.weight.device.type for m in mods} - {"cpu"})
     if elsewhere:

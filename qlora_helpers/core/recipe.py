@@ -7,9 +7,8 @@ learning rate, warm-up, clipping, batch, steps, seed). nanoGPT keeps its model's
 change another's numbers by accident, and every rule about them (a rank is a positive int, a
 learning rate is positive and finite, ...) is checked here, once.
 
-:func:`prepare_qlora_model` applies a recipe to a 4-bit base (PEFT's ``prepare_model_for_kbit_training``,
-then the recipe's LoRA): the one way every QLoRA run in the kit (notebooks 03's GPU measurement, 04, 06)
-gets its trainable model.
+A recipe becomes a trainable model in :mod:`qlora_helpers.core.qlora_model` (PEFT's surgery), and trainer
+settings in :mod:`qlora_helpers.sft`; this module only holds the numbers and their rules.
 
 The presets: :data:`KIT_SFT` (notebook 04, the Trainer), :data:`KIT_LOOP` (the plain loop's
 stand-in adapter of notebook 05), :data:`ABLATION_BASELINE` (notebook 06's baseline) and
@@ -31,9 +30,13 @@ with transformers 5.23). The kit's recipes warm up for 10 steps with ``constant_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
 from dataclasses import dataclass
+
+from peft import LoraConfig
 
 
 def check_rank(r, shape=None) -> None:
@@ -142,44 +145,14 @@ class Recipe:
         >>> KIT_SFT.fingerprint() == KIT_SFT.replace().fingerprint() != KIT_SFT.replace(r=8).fingerprint()
         True
         """
-        import hashlib
-        import json
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     def lora_config(self):
         """This recipe's PEFT ``LoraConfig`` for a causal LM (bias off, the output head excluded)."""
-        from peft import LoraConfig
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=targets, use_rslora=self.use_rslora, use_dora=self.use_dora,
                           bias="none", task_type="CAUSAL_LM")
-
-
-def prepare_qlora_model(model, config, gradient_checkpointing: bool | None = None):
-    """``prepare_model_for_kbit_training`` then ``get_peft_model``: the trainable QLoRA model.
-
-    ``prepare_model_for_kbit_training`` freezes the base, casts the small non-quantized weights
-    (norms, embeddings) to fp32 for stability, and makes the input embeddings require grad so that
-    gradient checkpointing has something to back-propagate through (the base has no trainable
-    weights). ``use_reentrant=False`` is the checkpointing variant PyTorch recommends.
-
-    Args:
-        config: a :class:`Recipe` (its ``lora_config()`` and its ``gradient_checkpointing``, the
-            same setting :func:`qlora_helpers.sft.training_arguments` reads, so the
-            model and the trainer agree), or a ``peft.LoraConfig``.
-        gradient_checkpointing: overrides the recipe's setting; ``True`` for a bare ``LoraConfig``.
-    """
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    if isinstance(config, Recipe):
-        if gradient_checkpointing is None:
-            gradient_checkpointing = config.gradient_checkpointing
-        config = config.lora_config()
-    elif gradient_checkpointing is None:
-        gradient_checkpointing = True
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, config)
 
 
 # The kit's SFT recipe on the real model (notebook 04, both profiles): rank 16 with alpha = 2r
@@ -208,7 +181,7 @@ QLORA_PAPER = {"7b": _PAPER.replace(lora_dropout=0.1), "13b": _PAPER,
 
 
 def recipe_for(profile) -> Recipe:
-    """The SFT recipe of a :class:`qlora_helpers.runtime.Profile`'s model: :data:`KIT_SFT` for the
+    """The SFT recipe of a :class:`qlora_helpers.core.runtime.Profile`'s model: :data:`KIT_SFT` for the
     real model on every device (so a laptop and Colab train the same way), :data:`KIT_SFT_TINY`
     for the tiny one."""
     return KIT_SFT_TINY if profile.model == "tiny" else KIT_SFT

