@@ -20,7 +20,11 @@ from .core.recipe import ABLATION_BASELINE, Recipe
 TARGETS = {"qv": ["q_proj", "v_proj"], "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "all-linear": "all-linear"}
 INITS = ("default", "loftq")
-OPTIMIZER_VARIANTS = ("adamw", "lorafa")
+OPTIMIZER_VARIANTS = ("adamw", "lorafa", "freeze-a", "lorafa-fp32")
+# adamw: AdamW on A and B. lorafa: PEFT's LoRA-FA optimizer as shipped (A frozen, B's gradient projected
+# by (A A^T)^-1, that product under bf16 autocast wherever accelerate reports bf16: every CPU).
+# freeze-a: A frozen, plain AdamW on B (LoRA-FA without the projection). lorafa-fp32: PEFT's LoRA-FA
+# with the projection computed in fp32. The last two take LoRA-FA apart (lorafa_parts).
 # The baseline every variant changes one thing of: the recipe ABLATION_BASELINE (r 16, alpha 16,
 # the QLoRA paper's alpha; no dropout; lr 3e-3, the kit's fast CPU rate) on all linear layers,
 # PEFT's default init and AdamW. A variant is a flat dict (what the results file stores); its
@@ -74,6 +78,13 @@ def method_variants() -> list[dict]:
     return [make_variant("qv", targets="qv"), make_variant("attention", targets="attention"),
             make_variant("loftq", init="loftq"), make_variant("lorafa", optimizer="lorafa"),
             make_variant("dora", use_dora=True)]
+
+
+def lorafa_parts() -> list[dict]:
+    """LoRA-FA taken apart: A frozen with plain AdamW on B, and PEFT's projection without bf16 rounding.
+    With r16 (AdamW on A and B) and lorafa (PEFT's as shipped) they separate freezing A, projecting B's
+    gradient, and rounding that gradient to bf16 (notebook 06, section 7)."""
+    return [make_variant("freeze-a", optimizer="freeze-a"), make_variant("lorafa-fp32", optimizer="lorafa-fp32")]
 
 
 def lora_config_for(variant: dict):

@@ -53,15 +53,18 @@ import platform
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import bitsandbytes
 import peft
 import torch
 import transformers
 from peft.optimizers import create_lorafa_optimizer
+from peft.optimizers import lorafa as peft_lorafa
+from peft.optimizers.lorafa import LoraFAOptimizer
 
 from . import sft_data
-from .ablation_plan import CURVES, grid, lora_config_for, variant_recipe
+from .ablation_plan import CURVES, grid, lora_config_for, lorafa_parts, variant_recipe
 
 # Statistics over seeds, the grid's figures and the plan (baseline, variants, grids) live in modules of
 # their own; notebook 06 imports them from there.
@@ -80,6 +83,9 @@ from .seed_stats import results_table
 FULL_GRID_ENV = "QLORA_KIT_FULL_GRID"
 # The full grid as the kit measured it (``--full``, two shards ``--combine``d); notebook 06 reads it.
 FULL_RESULTS = Path(__file__).parent / "results" / "ablations_full.json"
+# LoRA-FA taken apart (ablation_plan.lorafa_parts), the full grid's steps, seeds and test rows:
+# python -m qlora_helpers.ablations --full --only freeze-a,lorafa-fp32 --out qlora_helpers/results/lorafa_parts.json
+LORAFA_PARTS_RESULTS = Path(__file__).parent / "results" / "lorafa_parts.json"
 # ----------------------------------------------------------------------------------------------
 # Data: the same batches, in a seed-determined order, for every variant
 # ----------------------------------------------------------------------------------------------
@@ -122,13 +128,30 @@ def build_model(profile, variant: dict, data: TaskData, seed: int):
     return model, report
 
 
+class LoraFAFp32Optimizer(LoraFAOptimizer):
+    """PEFT's LoRA-FA optimizer with B's projected gradient computed in fp32. PEFT has no switch for the
+    bf16 autocast it applies wherever ``accelerate`` reports bf16 (on a CPU: always), so ``step`` tells
+    its module, for the step only, that there is none."""
+
+    def step(self, closure=None):
+        with mock.patch.object(peft_lorafa, "is_bf16_available", lambda: False):
+            return super().step(closure)
+
+
 def make_optimizer(model, variant: dict):
-    """AdamW over the trainable weights, or PEFT's LoRA-FA (A frozen, B's gradient projected). The variant's
-    ``optimizer`` names a method of the grid ("adamw" or "lorafa", as the committed results record it)."""
-    if variant["optimizer"] == "lorafa":
-        return create_lorafa_optimizer(model, r=variant["r"], lora_alpha=variant["lora_alpha"],
-                                       lr=variant["lr"])
+    """The variant's method (:data:`~qlora_helpers.ablation_plan.OPTIMIZER_VARIANTS`, as the committed results
+    record it): AdamW over the trainable weights; PEFT's LoRA-FA (A frozen, B's gradient projected); A frozen
+    with AdamW on B; or PEFT's LoRA-FA with the projection in fp32."""
     recipe = variant_recipe(variant)
+    if variant["optimizer"] in ("lorafa", "lorafa-fp32"):
+        opt = create_lorafa_optimizer(model, r=variant["r"], lora_alpha=variant["lora_alpha"], lr=variant["lr"])
+        if variant["optimizer"] == "lorafa-fp32":
+            opt.__class__ = LoraFAFp32Optimizer   # the same state and groups; only step differs
+        return opt
+    if variant["optimizer"] == "freeze-a":
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)            # as create_lorafa_optimizer does
     return build_optimizer("adamw_torch", [p for p in model.parameters() if p.requires_grad], recipe.lr,
                            recipe.weight_decay)
 
@@ -331,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = grid(args.full)
         if args.only:
             names = args.only.split(",")
-            unknown = set(names) - {v["name"] for v in plan["variants"]}
+            pool = plan["variants"] + lorafa_parts()   # LoRA-FA's parts run only when named
+            unknown = set(names) - {v["name"] for v in pool}
             if unknown:
                 raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; "
-                                 f"the grid has {[v['name'] for v in plan['variants']]}")
-            plan["variants"] = [v for v in plan["variants"] if v["name"] in names]
+                                 f"the grid has {[v['name'] for v in pool]}")
+            plan["variants"] = [v for v in pool if v["name"] in names]
         rows = run_plan(profile, plan, load_task(profile, plan["n_test"]))
         out = args.out or f"build/ablations_{'full' if args.full else 'reduced'}.json"
         print("wrote", save_results(rows, out, plan, profile=profile))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .core.chat_data import conversation_ids, padded_collator
 from .core.recipe import check_rank
-from .core.training import build_optimizer, on_model_device, train_loop
+from .core.training import OPTIMIZERS, build_optimizer, on_model_device, train_loop
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output head
 
@@ -411,21 +411,39 @@ def train_steps(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr
 
 
 def one_step_update_norm(r: int, use_rslora: bool, in_features: int = 512, out_features: int = 512,
-                         alpha: float = 16, lr: float = 1e-2, seed: int = 0) -> float:
-    """How far one SGD step from B = 0 moves a LoRA layer's output on its input, ``||ΔW x||``.
+                         alpha: float = 16, lr: float = 1e-2, seed: int = 0, optimizer: str = "sgd") -> float:
+    """How far one optimizer step from B = 0 moves a LoRA layer's output on its input, ``||ΔW x||``.
 
     The rsLoRA argument in one step: for a loss with upstream gradient g, the gradient of B is
-    ``scaling * g (A x)^T`` (A's is zero while B = 0), so after the step
-    ``ΔW x = -lr * scaling^2 * g * ||A x||^2``. With A's Kaiming init ``||A x||^2`` grows like r,
-    so the update scales like ``scaling^2 * r``: like 1/r with alpha/r (a larger rank learns
-    slower), and flat with alpha/sqrt(r). ``x`` and ``g`` are fixed unit-variance draws.
+    ``scaling * g (A x)^T`` (A's is zero while B = 0). With A's Kaiming init every entry of
+    ``A x`` has a size independent of r, and there are r of them.
+
+    - ``optimizer="sgd"``: ``B_1 = -lr * scaling * g (A x)^T``, so
+      ``ΔW x = -lr * scaling^2 * g * ||A x||^2``, which grows like ``scaling^2 * r``: like 1/r with
+      alpha/r (a larger rank learns slower), flat with alpha/sqrt(r) (rsLoRA's point).
+    - ``optimizer="adamw_torch"`` (any name of :data:`qlora_helpers.core.training.OPTIMIZERS`): Adam's
+      first step divides the gradient by its own size, ``B_1 = -lr * sign(g) sign(A x)^T``, so
+      ``ΔW x = -lr * scaling * sign(g) * ||A x||_1``, which grows like ``scaling * r``: flat with
+      alpha/r, like sqrt(r) with alpha/sqrt(r). The same argument, the opposite verdict.
+
+    ``x`` and ``g`` are fixed unit-variance draws.
+
+    >>> a, b = (one_step_update_norm(r, False, optimizer="adamw_torch") for r in (4, 64))
+    >>> 0.8 < b / a < 1.25   # alpha/r under Adam: the step's effect does not depend on r
+    True
     """
+    if optimizer != "sgd" and optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be 'sgd' or one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     torch.manual_seed(seed)
     layer = LoRALinear(nn.Linear(in_features, out_features, bias=False), r, alpha,
                        use_rslora=use_rslora)
     x = torch.randn(1, in_features)  # (1, in) one input
     g = torch.randn(1, out_features)  # (1, out) the upstream gradient dL/dy
     (layer(x) * g).sum().backward()
+    if optimizer == "sgd":
+        with torch.no_grad():
+            layer.lora_B.weight -= lr * layer.lora_B.weight.grad  # (out, r)
+    else:
+        build_optimizer(optimizer, [layer.lora_B.weight], lr=lr).step()
     with torch.no_grad():
-        layer.lora_B.weight -= lr * layer.lora_B.weight.grad  # (out, r)
         return float((x @ layer.get_delta_weight().T).norm())  # ||ΔW x||

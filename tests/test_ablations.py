@@ -106,6 +106,21 @@ def test_committed_full_grid_is_what_this_code_trains(offline_profile, data):
     assert log["losses"] == pytest.approx(committed["losses"][:12], abs=2e-3)
 
 
+def test_committed_lorafa_parts_are_what_this_code_trains(offline_profile, data):
+    # The same check for LoRA-FA taken apart: both methods, three seeds, the full grid's base, steps and test
+    # rows (load_results refuses otherwise), and freeze-a's first steps retrained to the committed losses.
+    meta, rows = ab.load_results(ab.FULL_RESULTS, ab.LORAFA_PARTS_RESULTS)
+    parts = [r for r in rows if r["name"] in {v["name"] for v in ablation_plan.lorafa_parts()}]
+    assert sorted((r["name"], r["seed"]) for r in parts) == [(n, s) for n in ("freeze-a", "lorafa-fp32") for s in (0, 1, 2)]
+    ab.check_same_base(meta, offline_profile)
+    from qlora_helpers.core.training import train_loop
+    for name in ("freeze-a", "lorafa-fp32"):
+        committed = next(r for r in parts if r["name"] == name and r["seed"] == 0)
+        model, _ = ab.build_model(offline_profile, ablation_plan.make_variant(name, optimizer=name), data, seed=0)
+        log = train_loop(model, ab.make_optimizer(model, committed), ab.train_batches(data, 12, 0), committed["lr"])
+        assert log["losses"] == pytest.approx(committed["losses"][:12], abs=2e-3), name   # as for the full grid
+
+
 def test_a_different_base_is_reported_as_such(offline_profile):
     meta, _ = ab.load_results(ab.FULL_RESULTS)
     with pytest.raises(ab.DifferentBaseError, match="made on another base.*git checkout"):
@@ -129,3 +144,26 @@ def test_the_baseline_of_every_grid_is_the_recipes_baseline():
         base = [v for v in g["variants"] if v["name"] == BASELINE_NAME]
         assert len(base) == 1 and {k: v for k, v in base[0].items() if k != "name"} == BASELINE
         assert BASELINE_NAME in g["main"]
+
+
+def test_lorafa_taken_apart_differs_where_it_says(offline_profile, data):
+    """One step of each method from the same model and batch: freezing A leaves every lora_A as it was;
+    PEFT's LoRA-FA projects B's gradient (its step is not AdamW's on B); and it computes that projection in
+    bf16 on the CPU, so the fp32 version's step differs from it by rounding only."""
+    from qlora_helpers.core.training import train_loop
+    batch = ab.train_batches(data, 1, seed=0)
+    steps = {}
+    for method in ("freeze-a", "lorafa", "lorafa-fp32"):
+        v = ablation_plan.make_variant(method, optimizer=method)
+        model, _ = ab.build_model(offline_profile, v, data, seed=0)
+        a0 = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+        train_loop(model, ab.make_optimizer(model, v), batch, v["lr"], warmup=0)
+        assert all(torch.equal(p, a0[n]) for n, p in model.named_parameters() if "lora_A" in n), method
+        steps[method] = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if "lora_B" in n])
+    # B starts at 0, so B after one step is the step. Adam's first step is lr * sign(gradient) per entry:
+    # the projection changes which signs come out, bf16 rounding only a few near-zero ones.
+    lr = ablation_plan.BASELINE["lr"]
+    sign_flips = lambda a, b: (torch.sign(a) != torch.sign(b)).float().mean().item()
+    assert sign_flips(steps["freeze-a"], steps["lorafa-fp32"]) > 0.05            # the projection
+    assert 0 < sign_flips(steps["lorafa"], steps["lorafa-fp32"]) < 0.01           # bf16 rounding, and only that
+    assert steps["freeze-a"].abs().max().item() == pytest.approx(lr, rel=1e-3)    # AdamW's first step: lr per entry

@@ -90,6 +90,19 @@ def test_rslora_one_step_update_scaling():
         assert abs(slope.item() - want) < 0.15, (use_rslora, slope.item())
 
 
+def test_under_adam_the_verdict_turns():
+    """One AdamW step (torch's, built by the kit's one builder) moves B by about lr per entry whatever the
+    gradient's size, so the update grows like scaling * r: flat with alpha/r, slope 1/2 with alpha/sqrt(r),
+    the opposite of one SGD step. Notebook 01 shows both; notebook 06's rsLoRA result is the Adam case."""
+    ranks = [1, 4, 16, 64]
+    for use_rslora, want in ((False, 0.0), (True, 0.5)):
+        norms = [sum(lora.one_step_update_norm(r, use_rslora, seed=s, optimizer="adamw_torch") for s in range(6))
+                 for r in ranks]
+        x, y = torch.tensor(ranks).log(), torch.tensor(norms).log()
+        slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+        assert abs(slope.item() - want) < 0.15, (use_rslora, slope.item())
+
+
 # ---- 2. the layer against peft.tuners.lora.layer.Linear ----------------------------------------
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
@@ -364,3 +377,8 @@ def test_injecting_into_nothing_is_refused():
             return self.lm_head
     with pytest.raises(ValueError, match="leaves no layer to wrap in this HeadOnly"):
         lora.inject_lora(HeadOnly())
+
+
+def test_one_step_refuses_an_optimizer_it_does_not_know():
+    with pytest.raises(ValueError, match="'sgd' or one of adamw_torch"):
+        lora.one_step_update_norm(4, False, optimizer="adam")
