@@ -1,11 +1,11 @@
 """The direction of imports: a module, or a notebook, uses only its own lesson and earlier ones
 (ARCHITECTURE.md's table is the source of truth; this test parses it)."""
 import ast
-import json
 import re
 from pathlib import Path
 
 import pytest
+from notebook_cells import code_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "qlora_helpers"
@@ -70,9 +70,7 @@ def test_modules_import_only_their_lesson_and_earlier(path):
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name)
 def test_notebooks_import_only_their_lesson_and_earlier(path):
     table, own = lessons(), int(path.name[:2])
-    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
-    source = "\n".join("".join(c["source"]) for c in cells)
-    source = "\n".join(l for l in source.splitlines() if not l.lstrip().startswith(("%", "!")))
+    source = "\n".join(code_cells(path))
     later = {m: table[m] for m in kit_imports(source) if table[m] > own}
     assert not later, f"notebook {path.name} imports later lessons {later}"
 
@@ -141,10 +139,7 @@ def _sources():
     for path in sorted((ROOT / "tests").glob("*.py")):
         yield path.relative_to(ROOT), path.read_text(), ""
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
-        code = "\n".join("" if ln.lstrip().startswith(("%", "!")) else ln
-                         for c in cells for ln in "".join(c["source"]).splitlines())
-        yield path.relative_to(ROOT), code, ""
+        yield path.relative_to(ROOT), "\n".join(code_cells(path)), ""
 
 
 @pytest.mark.parametrize("where,source,package", list(_sources()), ids=lambda x: str(x) if isinstance(x, Path) else "")

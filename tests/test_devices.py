@@ -51,9 +51,10 @@ def test_batches_follow_the_model_to_its_device(call):
 # cannot run here on a GPU, so every cell is read instead: a tensor made by a torch factory without
 # ``device=`` (and not moved with ``.to``), handed to a model call, is reported with its line.
 import ast  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from notebook_cells import code_cells  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORIES = {"randint", "randn", "rand", "tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange",
@@ -99,14 +100,6 @@ def device_hazards(source: str) -> list[str]:
     return sorted(set(found))
 
 
-def _code_cells(path: Path):
-    nb = json.loads(path.read_text())
-    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
-        src = "".join(cell["source"])
-        # IPython magics are not Python: blank them so the cell parses
-        yield i, "\n".join("" if ln.lstrip().startswith(("%", "!")) else ln for ln in src.splitlines())
-
-
 def test_the_check_finds_03s_optimizer_cell_as_it_was():
     """The cell as committed before its fix (03, optimizer state): the check must report it."""
     before = ("x = torch.randint(0, 2048, (2, 32))\n"
@@ -117,7 +110,7 @@ def test_the_check_finds_03s_optimizer_cell_as_it_was():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name)
 def test_no_cell_hands_a_model_a_cpu_tensor(path):
-    found = [f"code cell {i}, {h}" for i, src in _code_cells(path) for h in device_hazards(src)]
+    found = [f"code cell {i}, {h}" for i, src in enumerate(code_cells(path)) for h in device_hazards(src)]
     assert not found, f"{path.name}: make these tensors on the model's device (training.on_model_device): {found}"
 
 
