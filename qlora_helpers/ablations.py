@@ -98,16 +98,21 @@ class TaskData:
     fp_model: object       # the full-precision base (LoftQ's W, the initial-error reference)
 
 
+def heldout_batches(test, tok, batch_size: int = 16) -> list[dict]:
+    """The held-out rows (a ``datasets.Dataset`` of chat rows) tokenized and padded in batches of ``batch_size``,
+    in order: what :func:`heldout_loss` averages over."""
+    eval_tok = sft_data.tokenize_dataset(test, tok)
+    collate = padded_collator(tok, None)
+    return [collate([eval_tok[j] for j in range(i, min(i + batch_size, len(test)))])
+            for i in range(0, len(test), batch_size)]
+
+
 def load_task(profile, n_test: int = 200, batch_size: int = 16) -> TaskData:
     """Tokenizer, tokenized train split, ``n_test`` test rows and their batches, fp base model."""
     tok, ds = load_tokenizer(profile), load_task_dataset(profile)
     test = ds["test"].select(range(n_test))
-    eval_tok = sft_data.tokenize_dataset(test, tok)
-    collate = padded_collator(tok, None)
-    eval_batches = [collate([eval_tok[j] for j in range(i, min(i + batch_size, n_test))])
-                    for i in range(0, n_test, batch_size)]
-    return TaskData(tok, sft_data.tokenize_dataset(ds["train"], tok), list(test), eval_batches,
-                    load_model(profile, quantized=False).eval())
+    return TaskData(tok, sft_data.tokenize_dataset(ds["train"], tok), list(test),
+                    heldout_batches(test, tok, batch_size), load_model(profile, quantized=False).eval())
 
 
 def train_batches(data: TaskData, steps: int, seed: int, batch_size: int = 16) -> list[dict]:

@@ -27,12 +27,15 @@ def _tensor_bytes(tensors) -> int:
 
 def loaded_model_bytes(model) -> dict[str, int]:
     """Bytes a loaded (4-bit) model holds: parameters (packed NF4 as uint8), quantization
-    constants (every Linear4bit's quant state), buffers (e.g. rotary frequencies)."""
-    constants = 0
+    constants (every Linear4bit's quant state, once: a PEFT-wrapped layer shows its base's weight too),
+    buffers (e.g. rotary frequencies)."""
+    constants, seen = 0, set()
     for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            parts = measured_bytes(module.weight.data, state)
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and id(weight) not in seen:  # PEFT's LoRA wrapper shows its base layer's weight too
+            seen.add(id(weight))
+            parts = measured_bytes(weight.data, state)
             constants += sum(parts.values()) - parts["packed"]
     return {"weights": _tensor_bytes(model.parameters()), "quant constants": constants,
             "buffers": _tensor_bytes(model.buffers())}

@@ -25,6 +25,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling
 
 from .core.chat_data import IGNORE_INDEX
+from .sft_data import batch_order
 
 SEED_MAX_LENGTH = 256   # the document's max_length
 
@@ -40,6 +41,15 @@ def seed_tokenize(texts: list[str], tok, max_length: int = SEED_MAX_LENGTH) -> l
 def seed_batch(features: list[dict], tok) -> dict[str, torch.Tensor]:
     """The document's collator: ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``."""
     return DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)(features)
+
+
+def seed_batches(texts: list[str], tok, steps: int, seed: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """``steps`` batches of ``texts`` as the document makes them (:func:`seed_tokenize`, :func:`seed_batch`), its
+    rows in the kit's :func:`~qlora_helpers.sft_data.batch_order` for ``seed``: the same rows, in the same order,
+    as a kit run of that seed sees."""
+    order = batch_order(len(texts), steps, seed, batch_size)
+    features = seed_tokenize([texts[i] for rows in order for i in rows], tok)
+    return [seed_batch(features[k * batch_size:(k + 1) * batch_size], tok) for k in range(steps)]
 
 
 def label_report(batch: dict[str, torch.Tensor], tok) -> dict:

@@ -73,25 +73,38 @@ def show_labels(example: dict[str, list[int]], tok) -> str:
     return "".join(out)
 
 
-def shuffled_batches(train, tok, steps: int, seed: int, batch_size: int = 16) -> list[dict]:
-    """``steps`` batches of a tokenized dataset, padded to their longest row, drawn without
-    replacement in an order fixed by ``seed`` (reshuffled each epoch): every run given the same
-    seed sees the same batches in the same order, whatever it trains.
+def batch_order(n: int, steps: int, seed: int, batch_size: int = 16) -> list[list[int]]:
+    """The row indices of ``steps`` batches of ``batch_size`` from ``n`` rows, drawn without replacement
+    in an order fixed by ``seed`` (reshuffled each epoch): the one batch order every kit run uses.
+
+    >>> batch_order(5, steps=3, seed=0, batch_size=2) == batch_order(5, steps=3, seed=0, batch_size=2)
+    True
+    >>> sorted(sum(batch_order(6, steps=3, seed=1, batch_size=2), []))  # one epoch: each row once
+    [0, 1, 2, 3, 4, 5]
 
     Raises:
         ValueError: ``steps`` or ``batch_size`` < 1, or fewer rows than one batch.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
-    n = len(train)
     if n < batch_size:
         raise ValueError(f"the dataset has {n} rows, fewer than batch_size={batch_size}")
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < steps * batch_size:
         order += torch.randperm(n, generator=g).tolist()
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def shuffled_batches(train, tok, steps: int, seed: int, batch_size: int = 16) -> list[dict]:
+    """``steps`` batches of a tokenized dataset in :func:`batch_order`, padded to their longest row:
+    every run given the same seed sees the same batches in the same order, whatever it trains.
+
+    Raises:
+        ValueError: ``steps`` or ``batch_size`` < 1, or fewer rows than one batch.
+    """
     collate = padded_collator(tok, None)
-    return [collate([train[j] for j in order[i * batch_size:(i + 1) * batch_size]]) for i in range(steps)]
+    return [collate([train[j] for j in rows]) for rows in batch_order(len(train), steps, seed, batch_size)]
 
 
 def packed_collator():

@@ -160,6 +160,11 @@ def test_saved_tensor_bytes_by_hand():
     with saved_tensor_bytes() as none:
         (x @ w.detach()).relu()  # nothing requires grad: nothing is saved
     assert none.total == 0
+    frozen = torch.nn.Parameter(torch.randn(32, 64), requires_grad=False)
+    xg = torch.randn(10, 64, requires_grad=True)
+    with saved_tensor_bytes() as linear:
+        torch.nn.functional.linear(xg, frozen)  # saves frozen.t() (a view of the weight) for x's grad
+    assert linear.total == 0  # a frozen base weight is not an activation (it was counted before the fix)
 
 
 def test_train_loop_schedules_clips_and_counts(offline_profile, tok):

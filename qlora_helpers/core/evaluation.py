@@ -16,13 +16,14 @@ def prompt_text(tok, prompt: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 16,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy answers to ``prompts``, one string each."""
+def generate_ids(model, tok, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 32) -> list[list[int]]:
+    """The greedy new tokens for each of ``prompts``, up to and including the EOS token where the model
+    wrote one (else ``max_new_tokens`` of them): what :func:`generate_answers` decodes, and what a length
+    is counted on (notebook 07)."""
     side, tok.padding_side = tok.padding_side, "left"
     was_training = model.training
     model.eval()
-    answers = []
+    new_ids = []
     try:
         for i in range(0, len(prompts), batch_size):
             texts = [prompt_text(tok, p) for p in prompts[i:i + batch_size]]
@@ -30,12 +31,20 @@ def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 16,
             enc = enc.to(model.device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]  # (batch, <= max_new_tokens)
-            answers += [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():  # (batch, <= max_new_tokens)
+                cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+                new_ids.append(row[:cut])
     finally:
         tok.padding_side = side
         model.train(was_training)
-    return answers
+    return new_ids
+
+
+def generate_answers(model, tok, prompts: list[str], max_new_tokens: int = 16,
+                     batch_size: int = 32) -> list[str]:
+    """Greedy answers to ``prompts``, one string each (:func:`generate_ids`, decoded without special tokens)."""
+    return [s.strip() for s in tok.batch_decode(generate_ids(model, tok, prompts, max_new_tokens, batch_size),
+                                                skip_special_tokens=True)]
 
 
 def exact_match(model, tok, rows, max_new_tokens: int = 16) -> tuple[float, list[str]]:

@@ -93,8 +93,10 @@ class saved_tensor_bytes:
     """Context manager: bytes of the tensors autograd saves for backward inside it (activations).
 
     ``torch.autograd.graph.saved_tensors_hooks`` sees every saved tensor; each storage is counted
-    once (views share it) and parameters are skipped (they are held anyway). Read ``.total``
-    after the block::
+    once (views share it) and parameters are skipped (they are held anyway), views of them too:
+    ``F.linear`` saves ``weight.t()``, a view, not the parameter, and counting it would add every
+    frozen weight of a 16- or 32-bit base to its "activations" (notebook 07 found it: LoRA on the
+    fp32 SmolLM2 then seemed to save 555 MB more than QLoRA). Read ``.total`` after the block::
 
         with saved_tensor_bytes() as saved:
             loss = model(**batch).loss
@@ -106,7 +108,7 @@ class saved_tensor_bytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t):
-        if not isinstance(t, torch.nn.Parameter):
+        if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
             s = t.untyped_storage()
             self._seen[s.data_ptr()] = s.nbytes()
         return t
