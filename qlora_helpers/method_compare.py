@@ -25,7 +25,9 @@ activations held for backward) next to :func:`qlora_helpers.memory.estimate_memo
 Run: ``python -m qlora_helpers.method_compare`` (writes :data:`RESULTS`: about 50 minutes on a 2-core AMD EPYC
 with 2 threads, 37 of them for the two sweeps and the nine runs; ``--resume`` keeps what an interrupted job
 made, ``--step-cost`` measures the step costs again, on a machine doing nothing else); notebook 07 reads it
-and retraces a few steps live.
+and retraces a few steps live. Open defect: the process keeps about 2 GB per run that neither ``gc.collect()``
+nor glibc's ``malloc_trim`` gives back (measured: 4.05 -> 10.51 GB over four 2-step runs), so the whole job
+reached 24 GB and was killed at its last stage once; ``--resume`` in a fresh process continues.
 """
 from __future__ import annotations
 
