@@ -51,7 +51,7 @@ from .core.evaluation import exact_match, generate_ids
 from .core.qlora_model import prepare_qlora_model
 from .core.recipe import KIT_LOOP, Recipe
 from .core.runtime import get_profile, load_model, load_task_dataset, load_tokenizer, use_threads
-from .core.training import build_optimizer, saved_tensor_bytes, train_loop, warmup_lr
+from .core.training import build_optimizer, model_loss, saved_tensor_bytes, train_loop, warmup_lr
 from .measured_memory import loaded_model_bytes, optimizer_bytes
 from .memory import estimate_memory
 from .merge import conversation_texts
@@ -154,7 +154,7 @@ def train_method(profile, method: str, seed: int, data: MethodData, lr: float | 
     opt = build_optimizer("adamw_torch", params, lr, recipe.weight_decay)
     model.train()
     with saved_tensor_bytes() as saved:          # what the first batch holds for backward (not a step)
-        model(**batches[0], use_cache=False).loss
+        model_loss(model, batches[0])
     eval_losses, losses, seconds = {0: heldout_loss(model, data.eval_batches)}, [], 0.0
     for start in range(0, steps, EVAL_EVERY):    # the loop in chunks, the schedule continuous across them
         log = train_loop(model, opt, batches[start:start + EVAL_EVERY], lr, max_grad_norm=recipe.max_grad_norm,

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import statistics
 import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from .core.training import on_model_device, saved_tensor_bytes
+from .core.training import model_loss, saved_tensor_bytes
 
 BNB_PREFIX = "bitsandbytes::"
 
@@ -38,6 +39,13 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
+@functools.cache
+def _libc():
+    """The C library, looked up once (``find_library`` runs ``ldconfig``: not between two readings)."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 def allocated_bytes() -> int:
     """Bytes the C allocator has handed out and not taken back: glibc's ``mallinfo2()``, ``uordblks`` (from its
     heaps) + ``hblkhd`` (large blocks it maps on their own, as most tensors are).
@@ -45,8 +53,7 @@ def allocated_bytes() -> int:
     Raises:
         RuntimeError: not glibc (macOS, Windows, musl): the message says what to read instead.
     """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         raise RuntimeError("allocated_bytes reads glibc's mallinfo2 (Linux with glibc >= 2.33); this C library has "
                            "none. Notebook 07 prints the committed measurement instead.")
@@ -55,21 +62,17 @@ def allocated_bytes() -> int:
     return info.uordblks + info.hblkhd
 
 
-def _forward(model, batch):
-    return model(**on_model_device(batch, model), use_cache=False).loss
-
-
 def held_for_backward(model, batch: dict) -> dict[str, int]:
     """Bytes held from the end of the forward pass until the backward pass, counted twice: ``saved`` (the tensors
     autograd saves, :class:`saved_tensor_bytes`) and ``allocator`` (``allocated_bytes`` after the forward minus
     before it: everything the forward pass left alive, the loss's graph included). A warm-up step runs first, so
     that nothing allocated once (a workspace, a lazily built buffer) is counted."""
     model.train()
-    _forward(model, batch).backward()
+    model_loss(model, batch).backward()
     model.zero_grad(set_to_none=True)
     before = allocated_bytes()
     with saved_tensor_bytes() as saved:
-        loss = _forward(model, batch)
+        loss = model_loss(model, batch)
     after = allocated_bytes()
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -84,7 +87,7 @@ def step_seconds(model, batch: dict, optimizer=None, repeats: int = 5, warmup: i
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
-        _forward(model, batch).backward()
+        model_loss(model, batch).backward()
         if optimizer is not None:
             optimizer.step()
         if i >= warmup:
@@ -104,10 +107,10 @@ def op_share(model, batch: dict, prefix: str = BNB_PREFIX, top: int = 12, warmup
     """
     model.train()
     for _ in range(warmup):
-        _forward(model, batch).backward()
+        model_loss(model, batch).backward()
         model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _forward(model, batch).backward()
+        model_loss(model, batch).backward()
     model.zero_grad(set_to_none=True)
     times = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
     total = sum(times.values())
