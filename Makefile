@@ -11,7 +11,7 @@ export QLORA_KIT_PROFILE ?= offline
 export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
 export PYTHONHASHSEED := 0
 
-.PHONY: course course-t4 course-bf16 gpu-check colab test lab notebooks notebook venv assets browser-deps clean
+.PHONY: course course-t4 course-bf16 gpu-check colab test lab notebooks notebook venv assets browser-deps clean workshop
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ course-bf16: assets
 ## The Makefile's default profile (offline) is dropped here unless you set one: on a GPU machine it checks the GPU.
 gpu-check: $(STAMP)
 	$(if $(filter file,$(origin QLORA_KIT_PROFILE)),env -u QLORA_KIT_PROFILE) $(PY) -m qlora_helpers.gpu_check
+
+## The workshop pack: student copies of every notebook (nbgrader generate_assignment: solutions out, outputs
+## cleared) in build/workshop/student/, the answer key (the notebooks) in build/workshop/answer_key/.
+## RUN=1 also runs every student copy top to bottom (each exercise must say "not attempted yet").
+workshop: $(STAMP)
+	$(PY) -m qlora_helpers.workshop $(if $(RUN),--run)
 
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are.

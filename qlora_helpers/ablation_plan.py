@@ -93,11 +93,11 @@ def lora_config_for(variant: dict):
 
 
 def grid(full: bool) -> dict:
-    """The reduced CI grid (r 4/64 both scalings, r 16, 40 steps, 100 test rows, 3 seeds for the main comparison) or the full one
+    """The reduced CI grid (r 4/64 both scalings, r 16, 20 steps, 100 test rows, 3 seeds for the main comparison) or the full one
     (r 4..64, 300 steps, 3 seeds for every variant). Keys: variants, steps, seeds, main, main_seeds."""
     if full:
         variants = rank_variants((4, 8, 16, 32, 64)) + method_variants()
     else:  # the baseline (r16) without its rsLoRA twin, to fit CI's few minutes
         variants = rank_variants((4, 64)) + [make_variant(BASELINE_NAME)] + method_variants()
-    return {"variants": variants, "steps": 300 if full else 40, "seeds": (0, 1, 2) if full else (0,),
+    return {"variants": variants, "steps": 300 if full else 20, "seeds": (0, 1, 2) if full else (0,),
             "main": [BASELINE_NAME, "qv"], "main_seeds": (0, 1, 2), "n_test": 200 if full else 100}

@@ -1,5 +1,10 @@
-"""What a learner sees: JupyterLab in a real browser (Debian's chromium, driven by selenium), on a copy of
-notebook 03, through the real menus and controls.
+"""What a learner sees: JupyterLab in a real browser (Debian's chromium, driven by selenium), on copies of
+notebooks 02 and 03, through the real menus and controls.
+
+Each copy is the notebook cut to the cells its widget needs (``notebook_cells.slice_for``: the setup and
+doctor cells, the widget's cell and every earlier cell that binds a name it reads, in turn): Run All
+then runs what the widget depends on, as in the whole notebook, in a third of the time. nbval runs the
+whole notebooks (``make test``); this test is about the browser.
 
 1. Opened, before anything runs, the memory calculator shows as controls (the saved widget state), not as
    ``VBox(children=...`` text. JupyterLab renders saved widgets only in a trusted notebook; ``make lab``
@@ -10,6 +15,7 @@ notebook 03, through the real menus and controls.
 On failure a screenshot goes to ``build/browser/``. Needs chromium and chromedriver: ``make test``
 installs them on Debian as root (``make browser-deps``); elsewhere the test is skipped and says why.
 """
+import json
 import os
 import re
 import shutil
@@ -21,11 +27,27 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from notebook_cells import code_cells, slice_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "03_double_quant_memory.ipynb"
 EXPLORER = "02_nf4_quantiles.ipynb"
+WIDGETS = {NOTEBOOK: "W.Dropdown(options=list(M.KNOWN_CONFIGS)", EXPLORER: "widgets.interactive(explore"}
 SHOTS = ROOT / "build" / "browser"
+
+
+def sliced_copy(name: str, dest: Path) -> list[int]:
+    """Write notebook ``name`` cut to the code cells its widget (``WIDGETS[name]``) needs, outputs and
+    saved widget state kept; return the kept cells' indices."""
+    path = ROOT / "notebooks" / name
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    target = next((i for i, src in enumerate(code_cells(path)) if WIDGETS[name] in src), None)
+    assert target is not None, f"{name}: no cell contains {WIDGETS[name]!r}; update WIDGETS"
+    keep = slice_for(path, target)
+    nb["cells"] = [code[i] for i in keep]
+    dest.write_text(json.dumps(nb, indent=1))
+    return keep
 
 
 def _need(tool: str) -> str:
@@ -38,12 +60,12 @@ def _need(tool: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """JupyterLab on a trusted copy of notebook 03 (autosave never touches the kit's own file)."""
+    """JupyterLab on trusted, cut copies of notebooks 02 and 03 (autosave never touches the kit's own files)."""
     _need("chromium"), _need("chromedriver")
     root = tmp_path_factory.mktemp("lab")
     (root / "notebooks").mkdir()
     for name in (NOTEBOOK, EXPLORER):
-        shutil.copy(ROOT / "notebooks" / name, root / "notebooks" / name)
+        sliced_copy(name, root / "notebooks" / name)
     jupyter = Path(sys.executable).parent / "jupyter"
     # a trust database of its own: what this machine trusted before cannot make the test pass
     env = {**os.environ, "QLORA_KIT_FIGURES": str(root / "figures"), "JUPYTER_DATA_DIR": str(root / "jupyter-data")}

@@ -99,10 +99,20 @@ def test_offline_model_bytes(offline_profile):
 
 def test_checkers_take_what_bitsandbytes_stores():
     """The exercise checkers against bitsandbytes itself: the bits per weight of a double-quantized 128-block
-    layer and the bytes of a (64, 128) layer, measured from quantize_4bit's own tensors."""
-    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
-    packed, st = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    assert ex03.check_layer_bytes((64, 128), sum(dq.measured_bytes(packed, st).values()))
+    layer, measured from quantize_4bit's own tensors; exercise 2's bytes by hand (the checker measures
+    quantize_4bit on random sizes), refusing the kit's own storage_bytes; exercise 3 by the planner."""
+    def by_hand(numel, blocksize, double_quant):
+        blocks = -(-numel // blocksize)
+        extra = blocks + -(-blocks // 256) * 4 + 256 * 4 + 4 if double_quant else 4 * blocks
+        return -(-numel // 2) + 64 + extra
+    assert ex03.check_stored_bytes(by_hand)
+    with pytest.raises(AssertionError, match="partial"):
+        ex03.check_stored_bytes(lambda n, b, d: by_hand(n // b * b, b, d))          # the partial block forgotten
+    with pytest.raises(AssertionError, match="called qlora_helpers.double_quant.storage_bytes"):
+        ex03.check_stored_bytes(lambda n, b, d: sum(dq.storage_bytes(n, b, d).values()))
+    assert ex03.check_longest_fit(1536)
+    with pytest.raises(AssertionError, match="try shorter"):
+        ex03.check_longest_fit(2048)
     big = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0))
     packed, st = bnbF.quantize_4bit(big, blocksize=128, quant_type="nf4", compress_statistics=True)
     bits = 8 * sum(t.numel() * t.element_size() for t in (packed, st.absmax, st.state2.absmax)) / big.numel()

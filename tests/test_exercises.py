@@ -24,7 +24,9 @@ def test_placeholders_wait(placeholder, capsys):
 
 def test_no_dq_bytes_checker(offline_profile, capsys):
     """Lesson 00's oracle is bitsandbytes' own list of state tensors (QuantState.as_dict); checked here
-    against a count by hand from the layer shapes: codes n/2 bytes, one fp32 absmax per 64, 16-entry table."""
+    against a count by hand from the layer shapes: codes n/2 bytes, one fp32 absmax per 64, 16-entry table.
+    The exercise's three attacks: a placeholder waits, a printed count returned as a constant fails, and so
+    does measuring instead of predicting (loading the model, quantizing)."""
     import bitsandbytes as bnb
 
     from qlora_helpers.core.runtime import load_model
@@ -33,10 +35,19 @@ def test_no_dq_bytes_checker(offline_profile, capsys):
     by_hand = sum(m.in_features * m.out_features // 2 + 4 * (m.in_features * m.out_features // 64) + 16 * 4
                   for m in layers)
     assert lesson00.linear4bit_bytes(plain) == by_hand
+
+    def predict(shapes):
+        return sum(-(-o * i // 2) + 4 * -(-o * i // 64) + 64 for o, i in shapes)
     assert lesson00.check_no_dq_bytes(None, offline_profile) is None
-    assert lesson00.check_no_dq_bytes(by_hand, offline_profile) is True
+    assert lesson00.check_no_dq_bytes(lambda shapes: None, offline_profile) is None
+    assert lesson00.check_no_dq_bytes(predict, offline_profile) is True
     with pytest.raises(AssertionError, match="bitsandbytes stores"):
-        lesson00.check_no_dq_bytes(lesson00.linear4bit_bytes(load_model(offline_profile)), offline_profile)  # with DQ
+        lesson00.check_no_dq_bytes(lambda shapes: by_hand, offline_profile)                       # a constant
+    with pytest.raises(AssertionError, match="partial"):
+        lesson00.check_no_dq_bytes(lambda s: sum(o * i // 2 + 4 * (o * i // 64) + 64 for o, i in s), offline_profile)
+    with pytest.raises(AssertionError, match="called qlora_helpers.core.runtime.load_model"):
+        lesson00.check_no_dq_bytes(lambda s: lesson00.linear4bit_bytes(load_model(offline_profile, double_quant=False)),
+                                   offline_profile)
 
 
 def test_lesson04_checkers(offline_profile, tok, tmp_path):
@@ -75,3 +86,151 @@ def test_lesson06_checkers(offline_profile):
     assert lesson06.check_rslora_scale(16) is True
     with pytest.raises(AssertionError):
         lesson06.check_rslora_scale(4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three attacks (issue: exercises that teach): a placeholder, a value the notebook already printed, and
+# the library function the exercise re-implements. Each strong exercise must refuse all three.
+# ----------------------------------------------------------------------------------------------
+def printed_numbers(notebook: str, before: int) -> list[float]:
+    """Every number the answer key prints in code cells before code cell ``before`` (what a learner running the
+    student copy sees above the exercise): integers with thousands separators, decimals, exponents."""
+    import json
+    import re
+    from pathlib import Path
+    cells = [c for c in json.loads((Path(__file__).parent.parent / "notebooks" / notebook).read_text())["cells"]
+             if c["cell_type"] == "code"][:before]
+    text = " ".join("".join(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                    for c in cells for o in c.get("outputs", []))
+    found = {float(m.replace(",", "")) for m in re.findall(r"-?\d[\d,]*\.?\d*(?:e[-+]?\d+)?", text)}
+    assert len(found) > 20, f"{notebook}: only {len(found)} numbers printed before code cell {before}"
+    return sorted(found)
+
+
+def _first_exercise(notebook: str) -> int:
+    from pathlib import Path
+
+    from qlora_helpers.workshop import solution_cells
+    return min(solution_cells(Path(__file__).parent.parent / "notebooks" / notebook))
+
+
+def test_lesson01_exercises_refuse_placeholders_printed_values_and_the_library(capsys):
+    import math
+
+    import torch
+
+    from qlora_helpers.exercises import lesson01
+    from qlora_helpers.lora import LoRALinear, lora_scaling
+    # 1. placeholders wait
+    assert lesson01.check_exercise_1(None) is None and lesson01.check_exercise_4(None) is None
+    assert lesson01.check_exercise_2(lambda *a: None) is None and lesson01.check_exercise_3(lambda layer: None) is None
+    # 2. no number printed above the exercises answers one, nor a function returning it
+    # (exercise 4's alpha, 16, is printed everywhere: it is the quick arithmetic one, not a strong exercise)
+    seen = printed_numbers("01_lora_math.ipynb", _first_exercise("01_lora_math.ipynb"))
+    for v in seen:
+        with pytest.raises(AssertionError):
+            lesson01.check_exercise_1(v)
+    for v in seen[:: max(1, len(seen) // 40)]:
+        with pytest.raises(AssertionError):
+            lesson01.check_exercise_2(lambda A, B, alpha, r, rs, v=v: torch.full((B.shape[0], A.shape[1]), v))
+    # 3. the library's own ΔW or merge is refused, however it is reached
+    def via_library(A, B, alpha, r, rs):
+        layer = LoRALinear(torch.nn.Linear(A.shape[1], B.shape[0], bias=False), r=r, alpha=alpha, use_rslora=rs)
+        layer.lora_A.weight.data, layer.lora_B.weight.data = A, B
+        return layer.get_delta_weight()
+    for cheat in (via_library, lambda A, B, alpha, r, rs: lora_scaling(alpha, r, rs) * (B @ A)):
+        with pytest.raises(AssertionError, match="asks you to write this yourself"):
+            lesson01.check_exercise_2(cheat)
+
+    def merged_by_library(layer):
+        import copy
+        twin = copy.deepcopy(layer)
+        twin.merge()
+        return twin.base_layer
+    with pytest.raises(AssertionError, match="called LoRALinear.merge"):
+        lesson01.check_exercise_3(merged_by_library)
+    # and the solutions pass (the answer key runs them too, under nbval)
+    assert lesson01.check_exercise_2(lambda A, B, a, r, rs: (a / (math.sqrt(r) if rs else r)) * (B @ A)) is True
+
+
+def test_lesson02_pack_refuses_placeholders_printed_values_and_the_library():
+    import torch
+
+    from qlora_helpers import nf4
+    from qlora_helpers.exercises import lesson02
+    assert lesson02.check_pack(None) is None and lesson02.check_pack(lambda codes: None) is None
+    seen = printed_numbers("02_nf4_quantiles.ipynb", _first_exercise("02_nf4_quantiles.ipynb"))
+    for v in [x for x in seen if 0 <= x < 256 and x == int(x)]:          # any printed byte, as the whole answer
+        with pytest.raises(AssertionError):
+            lesson02.check_pack(lambda codes, v=int(v): torch.full(((codes.numel() + 1) // 2,), v, dtype=torch.uint8))
+    import bitsandbytes.functional as bnbF
+    cheats = [nf4.pack_nibbles, lambda codes: nf4.quantize_nf4(nf4.nf4_levels()[codes])[0],
+              lambda codes: bnbF.quantize_4bit(nf4.nf4_levels()[codes], blocksize=64, quant_type="nf4")[0].reshape(-1)]
+    for cheat in cheats:
+        with pytest.raises(AssertionError, match="asks you to write this yourself"):
+            lesson02.check_pack(cheat)
+
+
+def test_lesson03_stored_bytes_refuses_placeholders_printed_values_and_the_library():
+    from qlora_helpers import double_quant as dq
+    from qlora_helpers.exercises import lesson03
+    assert lesson03.check_stored_bytes(None) is None and lesson03.check_stored_bytes(lambda *a: None) is None
+    seen = printed_numbers("03_double_quant_memory.ipynb", _first_exercise("03_double_quant_memory.ipynb"))
+    for v in [x for x in seen if x >= 1]:            # any printed byte count, returned whatever the weight
+        with pytest.raises(AssertionError):
+            lesson03.check_stored_bytes(lambda n, b, d, v=v: int(v))
+    for cheat in (lambda n, b, d: sum(dq.storage_bytes(n, b, d).values()),
+                  lambda n, b, d: round(n * dq.bits_per_param(b, d) / 8) + 64):
+        with pytest.raises(AssertionError, match="asks you to write this yourself"):
+            lesson03.check_stored_bytes(cheat)
+
+
+def test_lesson04_fixed_collate_refuses_placeholders_the_broken_cell_and_the_library(offline_profile, tok):
+    """Exercise 4 (debugging) on the tiny model's chat rows: the broken cell itself fails (it labels the prompt;
+    on SmolLM2, whose pad token is its EOS, it also masks every EOS label and attention to every EOS), so do the
+    kit's collator and transformers' own, called instead of written."""
+    import torch
+
+    from qlora_helpers.core.chat_data import padded_collator
+    from qlora_helpers.core.runtime import load_task_dataset
+    train = load_task_dataset(offline_profile)["train"]
+    assert lesson04.check_fixed_collate(None, tok, train) is None
+    assert lesson04.check_fixed_collate(lambda rows, pad: None, tok, train) is None
+    with pytest.raises(AssertionError, match="differs"):
+        lesson04.check_fixed_collate(lesson04.broken_collate, tok, train)
+
+    def fixed(rows, pad_id):
+        width = max(len(r["input_ids"]) for r in rows)
+        pad = [width - len(r["input_ids"]) for r in rows]
+        return {"input_ids": torch.tensor([r["input_ids"] + [pad_id] * p for r, p in zip(rows, pad)]),
+                "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * p for r, p in zip(rows, pad)]),
+                "labels": torch.tensor([[-100] * r["n_prompt"] + r["input_ids"][r["n_prompt"]:] + [-100] * p
+                                        for r, p in zip(rows, pad)])}
+    assert lesson04.check_fixed_collate(fixed, tok, train) is True
+
+    def via_kit(rows, pad_id):
+        return padded_collator(tok, None)([{"input_ids": r["input_ids"],
+                                            "labels": [-100] * r["n_prompt"] + r["input_ids"][r["n_prompt"]:]} for r in rows])
+    for cheat in (via_kit, lambda rows, pad_id: tok.pad([{"input_ids": r["input_ids"]} for r in rows], return_tensors="pt")):
+        with pytest.raises(AssertionError, match="asks you to write this yourself"):
+            lesson04.check_fixed_collate(cheat, tok, train)
+
+
+def test_lesson06_separated_refuses_placeholders_constants_and_the_library():
+    import statistics
+
+    from qlora_helpers import seed_stats
+    assert lesson06.check_separated(None) is None and lesson06.check_separated(lambda *a: None) is None
+    for constant in (True, False):                       # what copying one printed verdict amounts to
+        with pytest.raises(AssertionError):
+            lesson06.check_separated(lambda rows, a, b, key, c=constant: c)
+
+    def by_hand(rows, a, b, key):
+        va, vb = ([r[key] for r in rows if r["name"] == n] for n in (a, b))
+        if min(len(va), len(vb)) < 2:
+            return None
+        return abs(statistics.fmean(va) - statistics.fmean(vb)) > 2 * max(statistics.stdev(va), statistics.stdev(vb))
+    assert lesson06.check_separated(by_hand) is True
+    for cheat in (seed_stats.separated, lambda rows, a, b, key: "difference larger" in seed_stats.verdict(rows, a, b, key)):
+        with pytest.raises(AssertionError, match="asks you to write this yourself"):
+            lesson06.check_separated(cheat)

@@ -337,7 +337,7 @@ def test_exercise_checkers():
     def good_plain(layer):
         plain = nn.Linear(layer.base_layer.in_features, layer.base_layer.out_features)
         with torch.no_grad():
-            plain.weight.copy_(layer.base_layer.weight + layer.get_delta_weight())
+            plain.weight.copy_(layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight)
             plain.bias.copy_(layer.base_layer.bias)
         return plain
 

@@ -236,6 +236,10 @@ def test_exercise_checker_for_the_merged_layer(offline_profile, capsys):
     assert "not attempted" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="wrong merged weight"):
         ex05.check_merged_layer(no_scaling, model)
+    # the library's own merge is refused (the attack: qlora_helpers.merge.merged_weight is importable)
+    for cheat in (M.merged_weight, lambda layer: M.dequantize_weight(layer.get_base_layer()) + layer.get_delta_weight("default")):
+        with pytest.raises(AssertionError, match="asks you to write this yourself"):
+            ex05.check_merged_layer(cheat, model)
 
 
 def test_chunked_logit_gap_equals_the_whole_batch_computation():

@@ -134,3 +134,46 @@ def test_opt_in_models_names_the_bad_one(monkeypatch):
         runtime.opt_in_models()
     monkeypatch.setenv(runtime.CAPSTONE_ENV, " qwen2.5-7b ")
     assert runtime.opt_in_models(runtime.CAPSTONE_ENV) == ["qwen2.5-7b"]
+
+
+def test_a_cpu_process_quantizes_once_and_hands_out_independent_copies(offline_profile, monkeypatch, tmp_path):
+    """load_model keeps one quantized model per (files, dtype, 4-bit config) and returns deep copies: the
+    copies hold the bytes a fresh from_pretrained quantizes (the oracle), share no storage, point each
+    4-bit weight at its own layer (bitsandbytes' Params4bit.__deepcopy__ does not), and a changed model
+    file is quantized again, not served stale."""
+    import os
+    import shutil
+    from dataclasses import replace as dc_replace
+
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "model"
+    shutil.copytree(offline_profile.model_source, src)
+    profile = dc_replace(offline_profile, model_source=str(src))
+    monkeypatch.setattr(runtime, "_ensure_local", lambda p: None)   # a copy of the checked files
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = runtime.load_model(profile)
+    b = runtime.load_model(profile)
+    assert len(calls) == 1, "the second load quantized again"
+    fresh = real(str(src), dtype=profile.compute_dtype, quantization_config=profile.bnb_config())
+    want = fresh.state_dict()
+    for m in (a, b):
+        got = m.state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    layers = {n: m for n, m in b.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert layers and all(m.weight.module is m and m.quant_state is m.weight.quant_state for m in layers.values())
+    name = next(iter(layers))
+    dict(a.named_modules())[name].weight.data.zero_()              # a copy changed in place ...
+    c = runtime.load_model(profile)
+    assert torch.equal(dict(c.named_modules())[name].weight.data, dict(fresh.named_modules())[name].weight.data)
+    assert dict(c.named_modules())[name].weight.data_ptr() != layers[name].weight.data_ptr()   # ... reaches no other
+    weights = next(src.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    runtime.load_model(profile)
+    assert len(calls) == 2, "a changed model file must be quantized again"
+    runtime.load_model(profile, double_quant=False)
+    assert len(calls) == 3, "another 4-bit config is another entry"

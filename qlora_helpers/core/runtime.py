@@ -37,9 +37,12 @@ busy core); torch's default (the machine's cores) for the real model, 576 wide.
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import bitsandbytes
 import datasets
@@ -285,13 +288,62 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
         kw["quantization_config"] = profile.bnb_config(double_quant=double_quant)
     if profile.device == "cuda":
         kw["device_map"] = {"": 0}
+    key = _quantized_key(profile, kw) if quantized and profile.device == "cpu" else None
+    if key in _QUANTIZED:
+        return _copy_4bit(_QUANTIZED[key])
     try:
-        model = AutoModelForCausalLM.from_pretrained(profile.model_source, **kw)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(profile.model_source, **kw)
     except OSError as err:
         raise _hub_error("model", profile.model_source, err) from err
     if quantized:  # every 4-bit model the kit loads: no CPU repack, whatever runs next
         defend(model)
+    if key is not None:
+        _QUANTIZED[key] = _copy_4bit(model)   # kept unused: every later load copies this one
     return model
+
+
+# Note: quantizing the real model's 210 linear layers takes about 5 s on a CPU (bitsandbytes'
+# quantize_4bit, mostly torch.bucketize), and a lesson loads the same 4-bit base many times (04: the
+# speed probes, the run, resume, TRL, the reload; 05: one per merge). So a CPU process quantizes each
+# (model files, dtype, 4-bit config) once and hands out deep copies: the same bytes, independent
+# modules (tests/test_runtime.py). Not on a GPU, where quantizing is fast and a copy would cost GPU memory.
+_QUANTIZED: dict[tuple, torch.nn.Module] = {}
+
+
+@contextmanager
+def _no_loading_bar():
+    """transformers' "Loading weights" bar off inside the block: a load takes a second or less here, and
+    whether a bar shows would depend on whether this process loaded the model before (the copies above)."""
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _quantized_key(profile: Profile, kw: dict) -> tuple:
+    """What a quantized load depends on: the model's files (name, size, modification time), the
+    dtype and the 4-bit config; a changed file or setting is a new entry, never a stale copy."""
+    src = Path(profile.model_source)
+    files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.iterdir()) if f.is_file()) \
+        if src.is_dir() else (profile.model_source,)
+    config = json.dumps(kw["quantization_config"].to_dict(), sort_keys=True, default=str)
+    return str(src.resolve()) if src.is_dir() else str(src), files, str(kw["dtype"]), config
+
+
+def _copy_4bit(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a 4-bit model that shares nothing with it. bitsandbytes' ``Params4bit.__deepcopy__``
+    copies the weight and its quant state but leaves ``weight.module`` on the *original* layer (and the
+    layer's own ``quant_state`` a second copy): both are pointed back at the copy's own layer here."""
+    new = copy.deepcopy(model)
+    for m in new.modules():
+        if isinstance(m, bitsandbytes.nn.Linear4bit):
+            m.weight.module = m
+            m.quant_state = m.weight.quant_state
+    return new
 
 
 @contextmanager

@@ -7,6 +7,9 @@ wrong (:func:`expect`).
 """
 from __future__ import annotations
 
+import inspect
+import sys
+
 
 def attempted(answer, exercise: str) -> bool:
     """``attempted(None, "Exercise 1")`` prints a hint and returns False; any other answer -> True."""
@@ -27,3 +30,40 @@ def expect(condition, message: str) -> None:
     """
     if not condition:
         raise AssertionError(message)
+
+
+def _code_of(fn):
+    """The code object a call of ``fn`` runs (through decorators and bound methods)."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    return fn.__code__
+
+
+def call_without(fn, forbidden: dict, exercise: str, *args, **kwargs):
+    """``fn(*args, **kwargs)``, failing if it ran any function of ``forbidden`` (its name in the message ->
+    the function): the library version of what the exercise asks the learner to write. Calls are seen by
+    the code they run (``sys.setprofile``), so an alias or an earlier ``from ... import`` is caught too.
+    The checker computes its own reference before or after this call, outside it.
+
+    >>> import math
+    >>> call_without(lambda x: x * x, {"math.sqrt": math.sqrt}, "Exercise 9", 3)
+    9
+    >>> from qlora_helpers.lora import lora_scaling
+    >>> call_without(lambda a, r: lora_scaling(a, r), {"qlora_helpers.lora.lora_scaling": lora_scaling}, "Exercise 9", 16, 4)
+    Traceback (most recent call last):
+    AssertionError: Exercise 9 asks you to write this yourself; your code called qlora_helpers.lora.lora_scaling, the library's own version. Write it from the formula in the text.
+    """
+    codes = {_code_of(f): name for name, f in forbidden.items() if hasattr(inspect.unwrap(getattr(f, "__func__", f)), "__code__")}
+    called = []
+
+    def watch(frame, event, arg):
+        if event == "call" and frame.f_code in codes:
+            called.append(codes[frame.f_code])
+    previous = sys.getprofile()
+    sys.setprofile(watch)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        sys.setprofile(previous)
+    expect(not called, f"{exercise} asks you to write this yourself; your code called {called[0] if called else ''}, "
+                       f"the library's own version. Write it from the formula in the text.")
+    return result

@@ -3,11 +3,13 @@
 layer's quantization state, as ``QuantState.as_dict`` lists them."""
 from __future__ import annotations
 
+import os
+
 import bitsandbytes as bnb
 import torch
 
 from ..core.runtime import load_model
-from . import attempted, expect
+from . import attempted, call_without, expect
 
 
 def linear4bit_bytes(model) -> int:
@@ -21,12 +23,39 @@ def linear4bit_bytes(model) -> int:
     return total
 
 
-def check_no_dq_bytes(answer, profile) -> bool | None:
-    """The 4-bit linear layers' bytes without double quantization (one fp32 scale per 64 weights)."""
-    if not attempted(answer, "Exercise"):
+# What the exercise asks the learner to predict; calling one of these instead fails the check.
+LIBRARY_BYTES = {"qlora_helpers.exercises.lesson00.linear4bit_bytes": linear4bit_bytes,
+                 "qlora_helpers.core.runtime.load_model": load_model,
+                 "bitsandbytes.functional.quantize_4bit": bnb.functional.quantize_4bit}
+
+
+def check_no_dq_bytes(predict_fn, profile) -> bool | None:
+    """The exercise (predict, then measure): ``predict_fn(shapes) -> int``, the bytes bitsandbytes stores for
+    4-bit NF4 layers of ``shapes`` ((out, in) each) *without* double quantization: packed codes, one fp32
+    absmax per 64 weights, the 16-entry fp32 NF4 table per layer. Checked on random layers, drawn anew at
+    every check and quantized by bitsandbytes, then on the course model's own layers loaded without double
+    quantization; written from the formula (:data:`LIBRARY_BYTES` may not be called)."""
+    if not attempted(predict_fn, "Exercise"):
         return None   # waiting: nothing to display below the hint
-    want = linear4bit_bytes(load_model(profile, double_quant=False))
-    expect(int(answer) == want, f"got {int(answer):,} bytes, bitsandbytes stores {want:,}: packed codes (half a byte "
-                                f"per weight) plus one fp32 absmax per 64 weights plus the 16-entry NF4 table per layer")
-    print(f"Exercise: correct, {want:,} bytes: each 64-weight block pays 32 bits for its scale instead of about 8.")
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    shapes = [tuple(int(x) for x in torch.randint(8, 700, (2,), generator=g)) for _ in range(4)]
+    want = 0
+    for out_f, in_f in shapes:
+        packed, state = bnb.functional.quantize_4bit(torch.randn(out_f, in_f, generator=g), quant_type="nf4",
+                                                     compress_statistics=False)
+        want += packed.numel() * packed.element_size() + sum(
+            t.numel() * t.element_size() for t in state.as_dict(packed=False).values() if isinstance(t, torch.Tensor))
+    got = call_without(predict_fn, LIBRARY_BYTES, "The exercise", list(shapes))
+    if not attempted(got, "Exercise"):
+        return None   # waiting: nothing to display below the hint
+    expect(int(got) == want, f"layers {shapes}: got {int(got):,} bytes, bitsandbytes stores {'more' if want > got else 'fewer'}: "
+                             f"count the packed codes, the scales (a partial last block has one too) and each layer's table")
+    model = load_model(profile, double_quant=False)
+    layers = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    want = linear4bit_bytes(model)
+    got = call_without(predict_fn, LIBRARY_BYTES, "The exercise", layers)
+    expect(int(got) == want, f"the course model's {len(layers)} layers: got {int(got):,} bytes, bitsandbytes stores "
+                             f"{'more' if want > got else 'fewer'}")
+    print(f"Exercise: correct on 4 random layers and on the model's {len(layers)}: {want:,} bytes without double "
+          f"quantization; each 64-weight block pays 32 bits for its scale instead of about 8.")
     return True

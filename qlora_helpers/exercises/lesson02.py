@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -15,10 +16,12 @@ from ..nf4 import (
     fp4_levels,
     int4_levels,
     nf4_levels,
+    pack_nibbles,
     paper_offset,
     quantization_error,
+    quantize_nf4,
 )
-from . import attempted, expect
+from . import attempted, call_without, expect
 
 
 def check_nf4_level_count(levels) -> bool | None:
@@ -49,21 +52,32 @@ def check_offset(offset) -> bool | None:
     return True
 
 
+# What exercise 3 asks the learner to write; calling one of these instead fails the check.
+LIBRARY_PACK = {"qlora_helpers.nf4.pack_nibbles": pack_nibbles, "qlora_helpers.nf4.quantize_nf4": quantize_nf4,
+                "bitsandbytes.functional.quantize_4bit": quantize_4bit}
+
+
 def check_pack(pack_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool | None:
-    """Exercise 3: ``pack_fn(codes int64 (n,)) -> uint8 (ceil(n/2),)`` in bitsandbytes' order,
-    checked against ``quantize_4bit`` on values that sit exactly on NF4 levels."""
+    """Exercise 3: ``pack_fn(codes int64 (n,)) -> uint8 (ceil(n/2),)`` in bitsandbytes' order, checked
+    against ``quantize_4bit`` on values that sit exactly on NF4 levels; random codes and counts (odd and
+    even) drawn anew at every check; written by hand (:data:`LIBRARY_PACK` may not be called)."""
     if not attempted(pack_fn, "Exercise 3"):
         return None   # waiting: nothing to display below the hint
-    g = torch.Generator().manual_seed(3)
-    for n in (64, 63):  # even and odd counts
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for parity in (0, 1, 0, 1):
+        n = 2 * int(torch.randint(8, 200, (1,), generator=g)) + parity   # even, then odd counts
         codes = torch.randint(0, 16, (n,), generator=g)
-        codes[0] = 15  # level 1.0 sets the block's absmax to 1
+        codes[::DEFAULT_BLOCKSIZE] = 15  # level 1.0 in every block: its absmax is 1, so the codes are kept
         want = quantize_4bit(nf4_levels()[codes], blocksize=DEFAULT_BLOCKSIZE, quant_type="nf4")[0].reshape(-1)
-        got = torch.as_tensor(pack_fn(codes)).reshape(-1)
-        expect(got.dtype == torch.uint8 and got.numel() == want.numel(), f"n={n}: want uint8 with {want.numel()} bytes, got {got.dtype} with {got.numel()}")
-        expect(torch.equal(got, want), f"n={n}: bytes differ from bitsandbytes (first {got[:2].tolist()} vs {want[:2].tolist()}): "
-            f"which code goes in the high nibble, and what pads an odd count?")
-    print("Exercise 3: correct, your bytes are bitsandbytes' bytes.")
+        got = call_without(pack_fn, LIBRARY_PACK, "Exercise 3", codes.clone())
+        if not attempted(got, "Exercise 3"):
+            return None   # waiting: nothing to display below the hint
+        got = torch.as_tensor(got).reshape(-1)
+        expect(got.dtype == torch.uint8 and got.numel() == want.numel(),
+               f"n={n}: want uint8 with {want.numel()} bytes, got {got.dtype} with {got.numel()}")
+        expect(torch.equal(got, want), f"n={n}: bytes differ from bitsandbytes (first {got[:2].tolist()} vs "
+                                       f"{want[:2].tolist()}): which code goes in the high nibble, and what pads an odd count?")
+    print("Exercise 3: correct on 4 random code sequences (odd and even counts): your bytes are bitsandbytes' bytes.")
     return True
 
 

@@ -2,17 +2,27 @@
 :mod:`qlora_helpers.exercises`."""
 from __future__ import annotations
 
+import os
+
 import torch
 from datasets import Dataset
-from transformers import Trainer
+from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer
 
-from ..core.chat_data import IGNORE_INDEX
+from ..core.chat_data import IGNORE_INDEX, conversation_ids, padded_collator
 from ..core.qlora_model import prepare_qlora_model
 from ..core.recipe import QLORA_PAPER, recipe_for
 from ..core.runtime import load_model
 from ..sft import training_arguments
 from ..sft_checks import TrainingHealthCallback
-from . import attempted, expect
+from ..sft_data import tokenize_chat
+from . import attempted, call_without, expect
+
+# What exercise 4 asks the learner to write; calling one of these instead fails the check.
+LIBRARY_COLLATE = {"qlora_helpers.core.chat_data.padded_collator": padded_collator,
+                   "qlora_helpers.sft_data.tokenize_chat": tokenize_chat,
+                   "transformers' DataCollatorForSeq2Seq": DataCollatorForSeq2Seq.__call__,
+                   "transformers' DataCollatorForLanguageModeling": DataCollatorForLanguageModeling.__call__,
+                   "the tokenizer's pad": PreTrainedTokenizerBase.pad}
 
 
 def check_label_share(answer, train_ds) -> bool | None:
@@ -27,6 +37,53 @@ def check_label_share(answer, train_ds) -> bool | None:
     return True
 
 
+def broken_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Exercise 4's broken cell: the source document's batches (``DataCollatorForLanguageModeling`` with
+    ``pad_token = eos_token``), written out. Rows are ``{"input_ids": [...], "n_prompt": int}``."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in rows])  # (batch, width)
+    labels = input_ids.clone()
+    labels[input_ids == pad_id] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": labels}
+
+
+def exercise_rows(tok, train_rows, n: int, g: torch.Generator) -> list[dict]:
+    """``n`` random conversations of ``train_rows`` (chat rows with ``messages``) as exercise 4's input:
+    ``{"input_ids": ids up to and including the EOS, "n_prompt": prompt length}``."""
+    picks = torch.randint(0, len(train_rows), (n,), generator=g).tolist()
+    return [dict(zip(("input_ids", "n_prompt"), conversation_ids(train_rows[i], tok))) for i in picks]
+
+
+def check_fixed_collate(collate_fn, tok, train_rows) -> bool | None:
+    """Exercise 4: ``collate_fn(rows, pad_id)`` fixes :func:`broken_collate`: right padding to the longest row,
+    ``attention_mask`` 1 on every real token (the EOS too), labels ``-100`` on the prompt and the padding and
+    the token id everywhere else (the EOS too). Checked against the kit's collator
+    (``DataCollatorForSeq2Seq`` over :func:`qlora_helpers.sft_data.tokenize_chat`) on random batches of
+    ``train_rows`` drawn anew at every check; written by hand (:data:`LIBRARY_COLLATE` may not be called)."""
+    if not attempted(collate_fn, "Exercise 4"):
+        return None   # waiting: nothing to display below the hint
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    kit = padded_collator(tok, None)
+    for _ in range(3):
+        rows = exercise_rows(tok, train_rows, int(torch.randint(2, 9, (1,), generator=g)), g)
+        want = kit([{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX] * r["n_prompt"] + r["input_ids"][r["n_prompt"]:]}
+                    for r in rows])
+        got = call_without(collate_fn, LIBRARY_COLLATE, "Exercise 4", [dict(r) for r in rows], tok.pad_token_id)
+        if not attempted(got, "Exercise 4"):
+            return None   # waiting: nothing to display below the hint
+        for key in ("input_ids", "attention_mask", "labels"):
+            expect(key in got, f"return a dict with input_ids, attention_mask and labels; {key!r} is missing")
+            t = torch.as_tensor(got[key])
+            expect(tuple(t.shape) == tuple(want[key].shape), f"{key}: want shape {tuple(want[key].shape)} (batch, longest row), "
+                                                             f"got {tuple(t.shape)}")
+            bad = (t != want[key]).nonzero()
+            expect(len(bad) == 0, f"{key} differs at {len(bad)} positions, first at row {int(bad[0][0])}, position "
+                                  f"{int(bad[0][1])} of {[len(r['input_ids']) for r in rows]} real tokens"
+                                  if len(bad) else "")
+    print("Exercise 4: correct on 3 random batches: the EOS is attended to and learned, prompt and padding are not.")
+    return True
+
+
 def check_paper_trainable(answer, profile) -> bool | None:
     """Exercise 2: trainable parameters with the QLoRA paper's adapter (r=64, alpha 16, all linear),
     counted by PEFT on the kit's model."""
@@ -34,8 +91,8 @@ def check_paper_trainable(answer, profile) -> bool | None:
         return None   # waiting: nothing to display below the hint
     model = prepare_qlora_model(load_model(profile), QLORA_PAPER["7b"].lora_config())
     want = model.get_nb_trainable_parameters()[0]
-    expect(int(answer) == want, f"got {int(answer):,}, PEFT counts {want:,}: r * (d_in + d_out) for each of the "
-                                f"7 linear layers of each decoder layer, times the layers")
+    expect(int(answer) == want, f"got {int(answer):,}, PEFT counts {'more' if want > int(answer) else 'fewer'}: "
+                                f"r * (d_in + d_out) for each of the 7 linear layers of each decoder layer, times the layers")
     print(f"Exercise 2: correct, {want:,} trainable parameters at r=64.")
     return True
 
