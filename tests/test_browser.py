@@ -108,9 +108,15 @@ def browser():
 
 
 def _run_all(browser, seconds=300):
-    """Run > Run All Cells through the menu, then wait until no cell is pending and the kernel is idle."""
+    """Run > Run All Cells through the menu, then wait until no cell is pending and the kernel is idle.
+
+    First it waits, as a learner does, for the status bar to say the kernel is idle: a Run All clicked while
+    the kernel is still starting ran the cells, but the widgets they made stayed disconnected (the saved
+    copies kept showing; measured on notebook 03's calculator, 2026-12-06), so a change reached nothing."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(browser, 120, poll_frequency=0.5).until(lambda b: any(
+        "Idle" in e.get_attribute("textContent") for e in b.find_elements(By.CSS_SELECTOR, ".jp-StatusBar-TextItem")))
     browser.find_element(By.XPATH, "//div[contains(@class,'lm-MenuBar-itemLabel') and text()='Run']").click()
     WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "li[data-command='runmenu:run-all']"))
     browser.find_element(By.CSS_SELECTOR, "li[data-command='runmenu:run-all']").click()

@@ -234,3 +234,36 @@ def test_lesson06_separated_refuses_placeholders_constants_and_the_library():
     for cheat in (seed_stats.separated, lambda rows, a, b, key: "difference larger" in seed_stats.verdict(rows, a, b, key)):
         with pytest.raises(AssertionError, match="asks you to write this yourself"):
             lesson06.check_separated(cheat)
+
+
+def test_lesson07_predicted_bytes_refuse_placeholders_printed_values_and_the_planner(real_profile):
+    """Notebook 07's exercise on the course model (SmolLM2): the prediction by hand passes against the
+    measurement, forgetting AdamW's step counters fails, a printed byte count returned whatever the run fails,
+    and asking the planner fails."""
+    from qlora_helpers import memory
+    from qlora_helpers.exercises import lesson07
+
+    def by_hand(config, r, targets, counters=True):
+        h, inter = config.hidden_size, config.intermediate_size
+        kv = config.num_key_value_heads * (h // config.num_attention_heads)
+        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                  "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+        n = config.num_hidden_layers * sum(r * sum(shapes[t]) for t in targets)
+        steps = 4 * 2 * config.num_hidden_layers * len(targets) if counters else 0
+        return {"trainable weights": 4 * n, "gradients": 4 * n, "optimizer state": 8 * n + steps}
+    assert lesson07.check_predicted_bytes(None, real_profile) is None
+    assert lesson07.check_predicted_bytes(lambda *a: None, real_profile) is None
+    assert lesson07.check_predicted_bytes(by_hand, real_profile) is True
+    with pytest.raises(AssertionError, match="optimizer state"):
+        lesson07.check_predicted_bytes(lambda c, r, t: by_hand(c, r, t, counters=False), real_profile)
+    seen = printed_numbers("07_claims_measured.ipynb", _first_exercise("07_claims_measured.ipynb"))
+    for v in sorted(x for x in seen if x > 1e5 and x % 4 == 0)[-3:]:   # the largest printed byte counts (each
+        # check builds and measures a model: three keep it short; the rank and targets are random anyway)
+        with pytest.raises(AssertionError):
+            lesson07.check_predicted_bytes(lambda c, r, t, v=v: dict.fromkeys(lesson07.COMPONENTS, int(v)), real_profile)
+
+    def via_planner(config, r, targets):
+        est = memory.estimate_memory(config, "qlora", r=r, target_modules=list(targets)).components
+        return {"trainable weights": est["lora params"], "gradients": est["gradients"], "optimizer state": est["optimizer states"]}
+    with pytest.raises(AssertionError, match="asks you to write this yourself"):
+        lesson07.check_predicted_bytes(via_planner, real_profile)
