@@ -8,6 +8,7 @@ wrong (:func:`expect`).
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 
 
@@ -32,10 +33,16 @@ def expect(condition, message: str) -> None:
         raise AssertionError(message)
 
 
+def fresh_seed() -> int:
+    """A seed drawn from the OS for one check: the inputs change at every run, so no printed value can be
+    the answer, and the global RNG is never touched (a checker must not change what the notebook's next
+    cells draw)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
 def _code_of(fn):
-    """The code object a call of ``fn`` runs (through decorators and bound methods)."""
-    fn = inspect.unwrap(getattr(fn, "__func__", fn))
-    return fn.__code__
+    """The code object a call of ``fn`` runs (through decorators and bound methods), or None (a builtin)."""
+    return getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__code__", None)
 
 
 def call_without(fn, forbidden: dict, exercise: str, *args, **kwargs):
@@ -52,7 +59,7 @@ def call_without(fn, forbidden: dict, exercise: str, *args, **kwargs):
     Traceback (most recent call last):
     AssertionError: Exercise 9 asks you to write this yourself; your code called qlora_helpers.lora.lora_scaling, the library's own version. Write it from the formula in the text.
     """
-    codes = {_code_of(f): name for name, f in forbidden.items() if hasattr(inspect.unwrap(getattr(f, "__func__", f)), "__code__")}
+    codes = {_code_of(f): name for name, f in forbidden.items() if _code_of(f) is not None}
     called = []
 
     def watch(frame, event, arg):

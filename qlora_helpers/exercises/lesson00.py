@@ -3,13 +3,11 @@
 layer's quantization state, as ``QuantState.as_dict`` lists them."""
 from __future__ import annotations
 
-import os
-
 import bitsandbytes as bnb
 import torch
 
 from ..core.runtime import load_model
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 
 def linear4bit_bytes(model) -> int:
@@ -37,7 +35,7 @@ def check_no_dq_bytes(predict_fn, profile) -> bool | None:
     quantization; written from the formula (:data:`LIBRARY_BYTES` may not be called)."""
     if not attempted(predict_fn, "Exercise"):
         return None   # waiting: nothing to display below the hint
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     shapes = [tuple(int(x) for x in torch.randint(8, 700, (2,), generator=g)) for _ in range(4)]
     want = 0
     for out_f, in_f in shapes:

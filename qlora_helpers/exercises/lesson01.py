@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -11,7 +10,7 @@ from peft.tuners.lora import layer as peft_lora
 from transformers import LlamaConfig
 
 from ..lora import LoRALinear, llama_lora_param_count, lora_scaling, merge_lora
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 
 def check_exercise_1(answer) -> bool | None:
@@ -51,7 +50,7 @@ def check_exercise_2(delta_weight_fn) -> bool | None:
     """``delta_weight_fn(A, B, alpha, r, use_rslora) -> ΔW`` (out, in) must equal ``get_delta_weight`` on
     layers of random shape, rank, alpha and weights, drawn anew at every check, with both scalings;
     written by hand (:data:`LIBRARY_DELTA` may not be called)."""
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     for use_rslora in (False, True, False, True):
         layer = _fresh_layer(g, use_rslora, bias=False)
         A, B = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()  # (r, in), (out, r)
@@ -73,7 +72,7 @@ def check_exercise_3(to_plain_linear_fn) -> bool | None:
     """``to_plain_linear_fn(layer: LoRALinear) -> nn.Linear`` holding W + ΔW (and the base bias), leaving
     ``layer`` unchanged, must compute what the LoRA layer computes; on random layers, drawn anew at every
     check, written by hand (:data:`LIBRARY_MERGE` may not be called)."""
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     for use_rslora in (False, True):
         layer = _fresh_layer(g, use_rslora, bias=True)
         before = {k: v.clone() for k, v in layer.state_dict().items()}

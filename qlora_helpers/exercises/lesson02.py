@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable
 
 import torch
@@ -21,7 +20,7 @@ from ..nf4 import (
     quantization_error,
     quantize_nf4,
 )
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 
 def check_nf4_level_count(levels) -> bool | None:
@@ -63,7 +62,7 @@ def check_pack(pack_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool | None:
     even) drawn anew at every check; written by hand (:data:`LIBRARY_PACK` may not be called)."""
     if not attempted(pack_fn, "Exercise 3"):
         return None   # waiting: nothing to display below the hint
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     for parity in (0, 1, 0, 1):
         n = 2 * int(torch.randint(8, 200, (1,), generator=g)) + parity   # even, then odd counts
         codes = torch.randint(0, 16, (n,), generator=g)

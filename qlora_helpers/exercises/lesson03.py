@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from bitsandbytes.functional import quantize_4bit
 
 from ..double_quant import bits_per_param, measured_bytes, storage_bytes
 from ..memory import estimate_memory, will_it_fit
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 # What exercise 2 asks the learner to write; calling one of these instead fails the check.
 LIBRARY_BYTES = {"qlora_helpers.double_quant.storage_bytes": storage_bytes,
@@ -38,7 +37,7 @@ def check_stored_bytes(stored_bytes_fn) -> bool | None:
     be called)."""
     if not attempted(stored_bytes_fn, "Exercise 2"):
         return None   # waiting: nothing to display below the hint
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     for dq in (True, False, True, False, True):
         numel = int(torch.randint(1_000, 300_000, (1,), generator=g))
         blocksize = (64, 128, 256)[int(torch.randint(0, 3, (1,), generator=g))]

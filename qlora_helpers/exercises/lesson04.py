@@ -2,8 +2,6 @@
 :mod:`qlora_helpers.exercises`."""
 from __future__ import annotations
 
-import os
-
 import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer
@@ -15,7 +13,7 @@ from ..core.runtime import load_model
 from ..sft import training_arguments
 from ..sft_checks import TrainingHealthCallback
 from ..sft_data import tokenize_chat
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 # What exercise 4 asks the learner to write; calling one of these instead fails the check.
 LIBRARY_COLLATE = {"qlora_helpers.core.chat_data.padded_collator": padded_collator,
@@ -62,7 +60,7 @@ def check_fixed_collate(collate_fn, tok, train_rows) -> bool | None:
     ``train_rows`` drawn anew at every check; written by hand (:data:`LIBRARY_COLLATE` may not be called)."""
     if not attempted(collate_fn, "Exercise 4"):
         return None   # waiting: nothing to display below the hint
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     kit = padded_collator(tok, None)
     for _ in range(3):
         rows = exercise_rows(tok, train_rows, int(torch.randint(2, 9, (1,), generator=g)), g)

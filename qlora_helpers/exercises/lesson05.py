@@ -2,8 +2,6 @@
 :mod:`qlora_helpers.exercises`."""
 from __future__ import annotations
 
-import os
-
 import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import bnb as peft_bnb
@@ -11,7 +9,7 @@ from peft.tuners.lora import bnb as peft_bnb
 from .. import merge
 from ..core.recipe import KIT_SFT
 from ..lora import llama_lora_param_count
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 # What exercise 1 asks the learner to write (the dequantization itself, M.dequantize_weight, is allowed);
 # calling one of these instead fails the check.
@@ -30,7 +28,7 @@ def check_merged_layer(merged_weight_fn, model) -> bool | None:
     if not attempted(merged_weight_fn, "Exercise 1"):
         return None   # waiting: nothing to display below the hint
     layers = [m for m in model.get_base_model().modules() if isinstance(m, LoraLayer)]
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     for i in torch.randperm(len(layers), generator=g)[:12].tolist():
         layer = layers[i]
         want = merge.merged_weight(layer)

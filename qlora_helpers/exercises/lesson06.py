@@ -2,13 +2,12 @@
 :mod:`qlora_helpers.exercises`."""
 from __future__ import annotations
 
-import os
 import random
 
 from .. import seed_stats
 from ..ablation_plan import TARGETS
 from ..lora import llama_lora_param_count
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 # What exercise 3 asks the learner to write; calling one of these instead fails the check.
 LIBRARY_VERDICT = {"qlora_helpers.seed_stats.separated": seed_stats.separated,
@@ -57,7 +56,7 @@ def check_separated(separated_fn) -> bool | None:
     hand (:data:`LIBRARY_VERDICT` may not be called)."""
     if not attempted(separated_fn, "Exercise 3"):
         return None   # waiting: nothing to display below the hint
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    rng = random.Random(fresh_seed())
     for i in range(30):
         rows, a, b, key = _random_rows(rng)
         while i == 0 and min(sum(r["name"] == v for r in rows) for v in (a, b)) < 2:

@@ -3,15 +3,13 @@ The oracle is a measurement: the bytes of a freshly built QLoRA model's trainabl
 AdamW's state after one step (:func:`qlora_helpers.method_compare.memory_components`)."""
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import AutoConfig
 
 from .. import lora, measured_memory, memory, method_compare
 from ..core.recipe import KIT_LOOP
 from ..core.training import build_optimizer
-from . import attempted, call_without, expect
+from . import attempted, call_without, expect, fresh_seed
 
 TARGET_CHOICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COMPONENTS = ("trainable weights", "gradients", "optimizer state")
@@ -47,7 +45,7 @@ def check_predicted_bytes(predict_fn, profile) -> bool | None:
     if not attempted(predict_fn, "Exercise"):
         return None   # waiting: nothing to display below the hint
     config = AutoConfig.from_pretrained(profile.model_source)
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(fresh_seed())
     for _ in range(2):
         r = (2, 4, 8, 12, 32)[int(torch.randint(0, 5, (1,), generator=g))]
         pick = torch.randperm(len(TARGET_CHOICES), generator=g)[:int(torch.randint(1, 5, (1,), generator=g))]
