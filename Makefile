@@ -16,9 +16,6 @@ export PYTHONHASHSEED := 0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
-	@# nbgrader (make workshop) needs the notebook package, whose JupyterLab extension (an "open in Notebook"
-	@# button) left ipywidgets' views disconnected after Run All (tests/test_browser.py, 2026-12-06): off here.
-	$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter-notebook/lab-extension >/dev/null 2>&1
 	touch $(STAMP)
 
 venv: $(STAMP)

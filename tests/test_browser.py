@@ -38,14 +38,17 @@ SHOTS = ROOT / "build" / "browser"
 
 def sliced_copy(name: str, dest: Path) -> list[int]:
     """Write notebook ``name`` cut to the code cells its widget (``WIDGETS[name]``) needs, outputs and
-    saved widget state kept; return the kept cells' indices."""
+    saved widget state kept, execution counts cleared; return the kept cells' indices.
+
+    The counts go because ``_run_all`` knows a cell has run by its prompt showing a count: a saved ``[5]:``
+    would say so before Run All has reached the cell."""
     path = ROOT / "notebooks" / name
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     target = next((i for i, src in enumerate(code_cells(path)) if WIDGETS[name] in src), None)
     assert target is not None, f"{name}: no cell contains {WIDGETS[name]!r}; update WIDGETS"
     keep = slice_for(path, target)
-    nb["cells"] = [code[i] for i in keep]
+    nb["cells"] = [{**code[i], "execution_count": None} for i in keep]
     dest.write_text(json.dumps(nb, indent=1))
     return keep
 
@@ -60,12 +63,17 @@ def _need(tool: str) -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """JupyterLab on trusted, cut copies of notebooks 02 and 03 (autosave never touches the kit's own files)."""
+    """JupyterLab on trusted, cut copies of notebooks 02 and 03 (autosave never touches the kit's own files),
+    with a workspace and settings of its own.
+
+    JupyterLab reopens the tabs its workspace saved (``~/.jupyter/lab/workspaces``): an earlier run of this
+    test left both notebooks open there, so the next run started two kernels at once and Run All could go to
+    the tab restored as current; notebook 03's calculator then answered nothing (failed 1 run in 3 on this
+    machine, 2026-12-06, and in CI). A fresh workspace directory makes every run start from the same layout."""
     _need("chromium"), _need("chromedriver")
     root = tmp_path_factory.mktemp("lab")
     (root / "notebooks").mkdir()
-    for name in (NOTEBOOK, EXPLORER):
-        sliced_copy(name, root / "notebooks" / name)
+    cells = {name: len(sliced_copy(name, root / "notebooks" / name)) for name in (NOTEBOOK, EXPLORER)}
     jupyter = Path(sys.executable).parent / "jupyter"
     # a trust database of its own: what this machine trusted before cannot make the test pass
     env = {**os.environ, "QLORA_KIT_FIGURES": str(root / "figures"), "JUPYTER_DATA_DIR": str(root / "jupyter-data")}
@@ -77,6 +85,7 @@ def lab(tmp_path_factory):
     server = subprocess.Popen(
         [str(jupyter), "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
          "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={root}",
+         f"--LabApp.workspaces_dir={root / 'workspaces'}", f"--LabApp.user_settings_dir={root / 'settings'}",
          *(["--allow-root"] if os.geteuid() == 0 else [])],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -89,7 +98,7 @@ def lab(tmp_path_factory):
     else:
         server.kill()
         pytest.fail("JupyterLab did not answer within 60 s")
-    yield url
+    yield url, cells
     os.killpg(server.pid, 15)
     server.wait(timeout=30)
 
@@ -107,12 +116,20 @@ def browser():
     driver.quit()
 
 
-def _run_all(browser, seconds=300):
-    """Run > Run All Cells through the menu, then wait until no cell is pending and the kernel is idle.
+def _alone(lab: str, name: str) -> str:
+    """The address that opens notebook ``name`` in a workspace of its own, reset: the only notebook on the
+    page, so the menus, prompts and widgets the tests read are its own."""
+    return f"{lab}/lab/workspaces/{Path(name).stem.replace('_', '-')}/tree/notebooks/{name}?reset"
 
-    First it waits, as a learner does, for the status bar to say the kernel is idle: a Run All clicked while
-    the kernel is still starting ran the cells, but the widgets they made stayed disconnected (the saved
-    copies kept showing; measured on notebook 03's calculator, 2026-12-06), so a change reached nothing."""
+
+def _run_all(browser, cells: int, seconds=300):
+    """Wait, as a learner does, for the status bar to say the kernel is idle; then Run > Run All Cells through
+    the menu, and wait until each of the notebook's ``cells`` code cells shows an execution count.
+
+    A prompt's count says the cell ran only because the copies' saved counts are cleared (``sliced_copy``)
+    and the notebook is alone on the page (``_alone``): with a saved ``[5]:``, or another notebook's prompts
+    on the page, this wait could end before Run All reached the widget, and the test then spoke to the
+    saved, disconnected copy of the calculator (2026-12-06: ``.jupyter-widgets-disconnected``, no answer)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     WebDriverWait(browser, 120, poll_frequency=0.5).until(lambda b: any(
@@ -123,7 +140,8 @@ def _run_all(browser, seconds=300):
 
     def all_ran(b):   # every code cell's prompt shows an execution count (textContent: cells off screen too)
         prompts = [p.get_attribute("textContent").strip() for p in b.find_elements(By.CSS_SELECTOR, ".jp-CodeCell .jp-InputPrompt")]
-        return prompts and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts)
+        assert len(prompts) <= cells, f"{len(prompts)} code cells on the page, the notebook has {cells}"
+        return len(prompts) == cells and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts)
     WebDriverWait(browser, seconds, poll_frequency=1).until(all_ran)
     errors = browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
     assert not errors, f"a cell failed in the browser: {errors[0].get_attribute('textContent')[:300]}"
@@ -138,9 +156,10 @@ def test_the_nf4_explorer_draws_what_is_chosen(lab, browser, request):
         return [i.get_attribute("src") for i in browser.find_elements(By.CSS_SELECTOR, ".widget-output img")]
 
     try:
-        browser.get(f"{lab}/lab/tree/notebooks/{EXPLORER}")
+        url, cells = lab
+        browser.get(_alone(url, EXPLORER))
         WebDriverWait(browser, 90).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".jupyter-widgets select"))
-        _run_all(browser)
+        _run_all(browser, cells[EXPLORER])
         select = next(s for s in browser.find_elements(By.CSS_SELECTOR, ".widget-dropdown select")
                       if "normal" in s.get_attribute("textContent"))
         draw = next(b for b in browser.find_elements(By.CSS_SELECTOR, "button.jupyter-button")
@@ -170,7 +189,8 @@ def test_the_calculator_shows_as_controls_then_answers_a_change(lab, browser, re
         return browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").get_attribute("textContent")
 
     try:
-        browser.get(f"{lab}/lab/tree/notebooks/{NOTEBOOK}")
+        url, cells = lab
+        browser.get(_alone(url, NOTEBOOK))
         wait = WebDriverWait(browser, 90)
         # 1. opened, nothing run: the saved widgets render as controls
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".jupyter-widgets .widget-dropdown select")
@@ -178,7 +198,7 @@ def test_the_calculator_shows_as_controls_then_answers_a_change(lab, browser, re
         assert "VBox(children=" not in notebook_text(), \
             "the calculator shows as Python text, not as controls: is the notebook trusted (jupyter trust)?"
         # 2. Run > Run All Cells, through the menu a learner uses
-        _run_all(browser)
+        _run_all(browser, cells[NOTEBOOK])
         first = browser.find_elements(By.CSS_SELECTOR, ".jp-CodeCell")[:2]        # setup cell, doctor cell
         stderr = [e.get_attribute("textContent") for c in first for e in c.find_elements(
             By.CSS_SELECTOR, ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
