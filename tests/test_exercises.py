@@ -56,9 +56,13 @@ def test_lesson04_checkers(offline_profile, tok, tmp_path):
     from qlora_helpers.core.chat_data import IGNORE_INDEX, padded_collator
     rows = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]},
                               {"input_ids": [5, 6, 9, 9, 10, 11], "labels": [IGNORE_INDEX] * 4 + [10, 11]}])
-    assert lesson04.check_label_share(4 / 10, rows) is True          # 4 labelled of 10 tokens, by hand
-    with pytest.raises(AssertionError, match="divide by all tokens"):
-        lesson04.check_label_share(4 / 6, rows)                      # labelled / unlabelled: the usual slip
+    # by hand: 4 labels; one batch of 2 rows padded to 6 -> 12 positions; batches of 1 -> 4 + 6 = 10 positions
+    assert lesson04.check_label_share(4 / 12, rows, batch_size=2) is True
+    assert lesson04.check_label_share(4 / 10, rows, batch_size=1) is True
+    with pytest.raises(AssertionError, match="share of the tokens"):
+        lesson04.check_label_share(4 / 10, rows, batch_size=2)         # the tokens' share, printed in section 2
+    with pytest.raises(AssertionError, match="divide by"):
+        lesson04.check_label_share(4 / 6, rows, batch_size=2)          # labelled / unlabelled: the usual slip
     assert lesson04.check_label_share(None, rows) is None
 
     from transformers import AutoConfig
@@ -186,7 +190,7 @@ def test_lesson03_stored_bytes_refuses_placeholders_printed_values_and_the_libra
 
 
 def test_lesson04_fixed_collate_refuses_placeholders_the_broken_cell_and_the_library(offline_profile, tok):
-    """Exercise 4 (debugging) on the tiny model's chat rows: the broken cell itself fails (it labels the prompt;
+    """Exercise 3 (debugging) on the tiny model's chat rows: the broken cell itself fails (it labels the prompt;
     on SmolLM2, whose pad token is its EOS, it also masks every EOS label and attention to every EOS), so do the
     kit's collator and transformers' own, called instead of written."""
     import torch

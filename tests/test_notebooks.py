@@ -74,3 +74,14 @@ def test_a_failed_check_says_what_to_do_and_still_fails():
     assert "`assert x == 2` did not hold" in said and "Restart Kernel and Run All Cells" in said
     assert any(o.get("ename") == "AssertionError" for o in nb.cells[1].outputs)
     assert not nb.cells[0].outputs and not nb.cells[2].outputs
+
+
+def test_cell_ids_are_unique_across_the_course():
+    """A cell copied from another notebook keeps its id; tests/test_workshop.py runs cells of several notebooks
+    in one notebook, where nbformat then rewrites the duplicate (a DuplicateCellId warning, seen with 06 and 07's
+    set-up cells). Give a copied cell a new id."""
+    seen = {}
+    for path in NOTEBOOKS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            assert cell.id not in seen, f"{path.name} and {seen[cell.id]} share the cell id {cell.id!r}"
+            seen[cell.id] = path.name

@@ -23,20 +23,32 @@ LIBRARY_COLLATE = {"qlora_helpers.core.chat_data.padded_collator": padded_collat
                    "the tokenizer's pad": PreTrainedTokenizerBase.pad}
 
 
-def check_label_share(answer, train_ds) -> bool | None:
-    """Exercise 1: the share of training tokens that carry a label (are not ``IGNORE_INDEX``)."""
+def check_label_share(answer, train_ds, batch_size: int = 8) -> bool | None:
+    """Exercise 1 (predict, then measure): of all the positions the model computes in the recipe's batches
+    (``batch_size`` consecutive rows of ``train_ds``, each batch padded to its longest row), the share that
+    carry a label (are not ``IGNORE_INDEX``). Notebook 04 prints the share of *tokens*; this one also counts
+    the padding, so it says how much of a padded step trains the answers."""
     if not attempted(answer, "Exercise 1"):
         return None   # waiting: nothing to display below the hint
-    n_tok = sum(len(x) for x in train_ds["labels"])
-    n_lab = sum(sum(t != IGNORE_INDEX for t in x) for x in train_ds["labels"])
-    expect(abs(float(answer) - n_lab / n_tok) < 1e-3, f"got {float(answer):.4f}; count the labels that are not "
-                                                      f"{IGNORE_INDEX} and divide by all tokens of train_ds")
-    print(f"Exercise 1: correct, {n_lab / n_tok:.1%} of the tokens are answers; the rest are prompt and template.")
+    labels = train_ds["labels"]
+    n_lab = sum(sum(t != IGNORE_INDEX for t in x) for x in labels)
+    n_tok = sum(len(x) for x in labels)
+    positions = sum(len(labels[i:i + batch_size]) * max(len(x) for x in labels[i:i + batch_size])
+                    for i in range(0, len(labels), batch_size))
+    share = n_lab / positions
+    if abs(float(answer) - share) >= 1e-3 and abs(float(answer) - n_lab / n_tok) < 1e-3:
+        expect(False, f"got {float(answer):.4f}: that is the share of the tokens; a padded batch also computes its "
+                      f"padding, so divide by every position of every batch of {batch_size}")
+    expect(abs(float(answer) - share) < 1e-3, f"got {float(answer):.4f}; count the labels that are not "
+                                              f"{IGNORE_INDEX} and divide by (rows x longest row), summed over the "
+                                              f"batches of {batch_size} consecutive rows")
+    print(f"Exercise 1: correct, {share:.1%} of the positions computed train an answer "
+          f"({n_lab / n_tok:.1%} of the tokens; the rest of the difference is padding).")
     return True
 
 
 def broken_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Exercise 4's broken cell: the source document's batches (``DataCollatorForLanguageModeling`` with
+    """Exercise 3's broken cell: the source document's batches (``DataCollatorForLanguageModeling`` with
     ``pad_token = eos_token``), written out. Rows are ``{"input_ids": [...], "n_prompt": int}``."""
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in rows])  # (batch, width)
@@ -53,12 +65,12 @@ def exercise_rows(tok, train_rows, n: int, g: torch.Generator) -> list[dict]:
 
 
 def check_fixed_collate(collate_fn, tok, train_rows) -> bool | None:
-    """Exercise 4: ``collate_fn(rows, pad_id)`` fixes :func:`broken_collate`: right padding to the longest row,
+    """Exercise 3: ``collate_fn(rows, pad_id)`` fixes :func:`broken_collate`: right padding to the longest row,
     ``attention_mask`` 1 on every real token (the EOS too), labels ``-100`` on the prompt and the padding and
     the token id everywhere else (the EOS too). Checked against the kit's collator
     (``DataCollatorForSeq2Seq`` over :func:`qlora_helpers.sft_data.tokenize_chat`) on random batches of
     ``train_rows`` drawn anew at every check; written by hand (:data:`LIBRARY_COLLATE` may not be called)."""
-    if not attempted(collate_fn, "Exercise 4"):
+    if not attempted(collate_fn, "Exercise 3"):
         return None   # waiting: nothing to display below the hint
     g = torch.Generator().manual_seed(fresh_seed())
     kit = padded_collator(tok, None)
@@ -66,8 +78,8 @@ def check_fixed_collate(collate_fn, tok, train_rows) -> bool | None:
         rows = exercise_rows(tok, train_rows, int(torch.randint(2, 9, (1,), generator=g)), g)
         want = kit([{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX] * r["n_prompt"] + r["input_ids"][r["n_prompt"]:]}
                     for r in rows])
-        got = call_without(collate_fn, LIBRARY_COLLATE, "Exercise 4", [dict(r) for r in rows], tok.pad_token_id)
-        if not attempted(got, "Exercise 4"):
+        got = call_without(collate_fn, LIBRARY_COLLATE, "Exercise 3", [dict(r) for r in rows], tok.pad_token_id)
+        if not attempted(got, "Exercise 3"):
             return None   # waiting: nothing to display below the hint
         for key in ("input_ids", "attention_mask", "labels"):
             expect(key in got, f"return a dict with input_ids, attention_mask and labels; {key!r} is missing")
@@ -78,7 +90,7 @@ def check_fixed_collate(collate_fn, tok, train_rows) -> bool | None:
             expect(len(bad) == 0, f"{key} differs at {len(bad)} positions, first at row {int(bad[0][0])}, position "
                                   f"{int(bad[0][1])} of {[len(r['input_ids']) for r in rows]} real tokens"
                                   if len(bad) else "")
-    print("Exercise 4: correct on 3 random batches: the EOS is attended to and learned, prompt and padding are not.")
+    print("Exercise 3: correct on 3 random batches: the EOS is attended to and learned, prompt and padding are not.")
     return True
 
 
