@@ -82,8 +82,9 @@ def training_kwargs(profile, output_dir: str, recipe: Recipe | None = None, **ov
               max_grad_norm=recipe.max_grad_norm, weight_decay=recipe.weight_decay,
               per_device_train_batch_size=recipe.batch_size, max_steps=recipe.steps,
               logging_steps=max(1, min(10, recipe.steps // 15)), logging_nan_inf_filter=False,
-              gradient_checkpointing=recipe.gradient_checkpointing,
-              gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
+              # transformers 5 renamed gradient_checkpointing*: the old names still work and warn (FutureWarning)
+              activation_checkpointing=recipe.gradient_checkpointing,
+              activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
               save_strategy="no", report_to="none", remove_unused_columns=False, seed=recipe.seed,
               data_seed=recipe.seed, dataloader_num_workers=0, use_cpu=profile.device == "cpu",
               **precision_flags(profile))

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import torch
-from datasets import Dataset
-from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer
+from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from ..core.chat_data import IGNORE_INDEX, conversation_ids, padded_collator
 from ..core.qlora_model import prepare_qlora_model
-from ..core.recipe import QLORA_PAPER, recipe_for
+from ..core.recipe import QLORA_PAPER
 from ..core.runtime import load_model
-from ..sft import training_arguments
-from ..sft_checks import TrainingHealthCallback
 from ..sft_data import tokenize_chat
 from . import attempted, call_without, expect, fresh_seed
 
-# What exercise 4 asks the learner to write; calling one of these instead fails the check.
+# What exercise 3 asks the learner to write; calling one of these instead fails the check.
 LIBRARY_COLLATE = {"qlora_helpers.core.chat_data.padded_collator": padded_collator,
                    "qlora_helpers.sft_data.tokenize_chat": tokenize_chat,
                    "transformers' DataCollatorForSeq2Seq": DataCollatorForSeq2Seq.__call__,
@@ -106,17 +103,3 @@ def check_paper_trainable(answer, profile) -> bool | None:
     print(f"Exercise 2: correct, {want:,} trainable parameters at r=64.")
     return True
 
-
-def all_masked_alarm(profile, train_ds, collator, output_dir) -> str:
-    """Exercise 3: two rows whose labels are all ``IGNORE_INDEX``, two ``Trainer`` steps with
-    ``TrainingHealthCallback``; returns the alarm that stopped training ("no alarm" if none did)."""
-    rows = [{"input_ids": r["input_ids"], "labels": [IGNORE_INDEX] * len(r["labels"])} for r in train_ds.select(range(2))]
-    torch.manual_seed(0)
-    model = prepare_qlora_model(load_model(profile), recipe_for(profile))
-    args = training_arguments(profile, str(output_dir), max_steps=2, logging_steps=1, disable_tqdm=True)
-    try:
-        Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collator,
-                callbacks=[TrainingHealthCallback(model)]).train()
-    except Exception as err:  # TrainingAlarm, or a nan loss from an empty mean
-        return f"{type(err).__name__}: {err}"
-    return "no alarm"
