@@ -55,7 +55,7 @@ def broken_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def exercise_rows(tok, train_rows, n: int, g: torch.Generator) -> list[dict]:
-    """``n`` random conversations of ``train_rows`` (chat rows with ``messages``) as exercise 4's input:
+    """``n`` random conversations of ``train_rows`` (chat rows with ``messages``) as exercise 3's input:
     ``{"input_ids": ids up to and including the EOS, "n_prompt": prompt length}``."""
     picks = torch.randint(0, len(train_rows), (n,), generator=g).tolist()
     return [dict(zip(("input_ids", "n_prompt"), conversation_ids(train_rows[i], tok))) for i in picks]
