@@ -54,10 +54,11 @@ workshop: $(STAMP)
 	$(PY) -m qlora_helpers.workshop $(if $(RUN),--run)
 
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
-## notebooks draw under test go to build/figures, so the committed figures/ stay as they are.
+## notebooks draw under test go to build/figures, so the committed figures/ stay as they are. The 20
+## slowest items are listed at the end: where CI's time goes, measured on CI's own machine.
 test: assets browser-deps
 	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(PY) -m pytest tests qlora_helpers notebooks \
-		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q
+		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q --durations=20
 
 ## The browser test's chromium and chromedriver (tests/test_browser.py), from Debian's packages: installed
 ## when missing and this is Debian as root (about 20 s); otherwise it says so and the test is skipped.

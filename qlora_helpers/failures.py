@@ -19,8 +19,8 @@ uses it; this module holds the mechanisms it shows and the checks that were miss
   when no cache is passed (``transformers/masking_utils.py``, ``_preprocess_mask_arguments``).
 * :func:`requantize_nf4` and :func:`update_survival`: what merging into 4-bit weights keeps of an update
   (QLoRA, Dettmers et al., arXiv 2305.14314; PEFT's ``peft.tuners.lora.bnb.Linear4bit.merge``).
-* :func:`check_nan_filter_off`: transformers' ``logging_nan_inf_filter`` (default True) logs a running mean in
-  place of a NaN or inf step loss.
+* :func:`check_nan_filter_off`: transformers' ``logging_nan_inf_filter`` (default True) logs a stand-in number
+  in place of a NaN or inf step loss.
 
 Production code it is checked against (``tests/test_failures.py``): transformers 5.23's loss and
 ``find_packed_sequence_indices``, torch's AdamW, peft 0.21.2's merge into a bitsandbytes 0.50.2 ``Linear4bit``.
@@ -222,7 +222,7 @@ def update_survival(before: torch.Tensor, after: torch.Tensor, delta: torch.Tens
 # 7. Trainer's NaN filter
 # ---------------------------------------------------------------------------------------------
 def check_nan_filter_off(args) -> None:
-    """Raise ``ValueError`` if ``TrainingArguments`` log a running mean in place of a NaN or inf step loss
+    """Raise ``ValueError`` if ``TrainingArguments`` log a stand-in number in place of a NaN or inf step loss
     (``logging_nan_inf_filter=True``, transformers' default): a loss alarm that reads the logs never sees it.
     The kit's :func:`qlora_helpers.sft.training_kwargs` sets it to False.
 
@@ -230,6 +230,6 @@ def check_nan_filter_off(args) -> None:
     >>> check_nan_filter_off(SimpleNamespace(logging_nan_inf_filter=False))
     """
     if getattr(args, "logging_nan_inf_filter", True):
-        raise ValueError("TrainingArguments(logging_nan_inf_filter=True) logs the running mean in place of a NaN or "
+        raise ValueError("TrainingArguments(logging_nan_inf_filter=True) logs a stand-in number in place of a NaN or "
                          "inf step loss, so no log shows it; pass logging_nan_inf_filter=False "
                          "(qlora_helpers.sft.training_arguments does)")

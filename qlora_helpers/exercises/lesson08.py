@@ -26,10 +26,9 @@ LIBRARY_FIX = {"qlora_helpers.core.qlora_model.prepare_qlora_model": prepare_qlo
 
 
 def broken_trainable(base, config):
-    """The setup the exercise hands out, from a learner's T4 notebook: activation checkpointing for memory, and
-    the adapter kept in the base's dtype ("fp16 everywhere saves memory")."""
+    """The setup the exercise hands out, from a learner's T4 notebook ("fp16 everywhere saves memory")."""
     base.activation_checkpointing_enable({"use_reentrant": True})       # the 7B run needs it on a T4
-    return get_peft_model(base, config, autocast_adapter_dtype=False)   # adapters in the base's fp16
+    return get_peft_model(base, config, autocast_adapter_dtype=False)
 
 
 def t4_profile(profile):
