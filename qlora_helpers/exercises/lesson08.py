@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from ..core.chat_data import padded_collator
 from ..core.qlora_model import prepare_qlora_model
 from ..core.runtime import emulate_gpu, get_profile, load_model, load_task_dataset, load_tokenizer
+from ..core.training import model_loss
 from ..failures import check_adapter_dtype
 from ..sft_checks import lora_parameters
 from ..sft_data import tokenize_chat
@@ -59,7 +60,7 @@ def two_steps(build_fn, profile, r: int, targets: tuple[str, ...], seed: int, ro
     losses = []
     for _ in range(2):
         opt.zero_grad(set_to_none=True)
-        loss = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False).loss
+        loss = model_loss(model, batch)   # not train_loop: it stops at the NaN this exercise shows
         loss.backward()
         opt.step()
         losses.append(loss.item())
