@@ -66,7 +66,7 @@ __all__ = [
     "KNOWN_CONFIGS", "PUBLISHED_PARAMS", "GPUS", "ONLINE_TABLE_GB", "METHODS",
     "load_config", "count_params", "linear_shapes", "lora_shapes", "nf4_bytes",
     "optimizer_state_bytes", "activation_bytes", "MemoryEstimate", "estimate_memory", "Fit", "will_it_fit",
-    "main",
+    "STRATEGIES", "shard_estimate", "main",
 ]
 
 GiB = 1024 ** 3
@@ -450,7 +450,78 @@ def will_it_fit(estimate: MemoryEstimate, gpu: str) -> Fit:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Command line: python -m qlora_helpers.memory CONFIG --gpu t4
+# 4. Several GPUs: what DDP replicates and what FSDP shards (notebook 09)
+# ---------------------------------------------------------------------------------------------
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _layer_bytes(config, method: str) -> int:
+    """Bytes of the largest decoder layer's weights as stored (NF4 codes for QLoRA, 16 bit for LoRA):
+    what FSDP gathers onto every GPU while that layer computes."""
+    cfg = load_config(config)
+    per_layer: dict[str, int] = {}
+    for name, fan_in, fan_out in linear_shapes(config):
+        if ".layers." not in name:
+            continue
+        layer = name.split(".layers.")[1].split(".")[0]
+        n = fan_in * fan_out
+        per_layer[layer] = per_layer.get(layer, 0) + (-(-n // 2) if method.startswith("qlora") else 2 * n)
+    if not per_layer:
+        raise ValueError(f"no decoder layers named '.layers.' in {cfg.model_type}: FSDP's unit is unknown")
+    return max(per_layer.values())
+
+
+def shard_estimate(estimate: MemoryEstimate, config, strategy: str, num_gpus: int,
+                   cpu_offload: bool = False) -> MemoryEstimate:
+    """Memory **per GPU** of the run ``estimate`` describes (its batch is the batch of one GPU) on
+    ``num_gpus`` GPUs.
+
+    - ``"ddp"`` (DistributedDataParallel): every GPU holds the whole run; DDP adds its gradient
+      buckets, a second copy of the trainable gradients that the all-reduce works on
+      (``gradient_as_bucket_view=False``, torch's default). More GPUs make the run faster, never smaller.
+    - ``"fsdp"`` (FULL_SHARD, FSDP-QLoRA): weights, adapters, gradients and optimizer states are split
+      in ``num_gpus`` shards; each GPU gathers one decoder layer at a time (two with prefetch: the one
+      computing and the next) and the root unit (embeddings, final norm, head) for the whole pass.
+      bitsandbytes' quantization constants live in each weight's ``quant_state``, not in a parameter,
+      so FSDP does not shard them: each GPU holds them all. Activations are per GPU as before.
+      ``cpu_offload`` (FSDP's ``offload_params``) keeps the shards and their optimizer step in CPU RAM:
+      the GPU keeps the gathered layers, the constants and the activations.
+
+    >>> run = estimate_memory("llama-2-70b", "qlora", r=8, batch_size=2, seq_len=2048)
+    >>> per_gpu = shard_estimate(run, "llama-2-70b", "fsdp", 2)
+    >>> round(run.total / GB, 1), round(per_gpu.total / GB, 1)  # one GPU, then each of two
+    (51.3, 32.5)
+
+    Raises:
+        ValueError: an unknown strategy, a number of GPUs below 1, CPU offload without FSDP.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+        raise ValueError(f"num_gpus must be a positive int, got {num_gpus!r}")
+    if cpu_offload and strategy != "fsdp":
+        raise ValueError("cpu_offload is FSDP's offload_params: use strategy='fsdp', or leave cpu_offload off")
+    comp = {k: v for k, v in estimate.components.items() if k != "cuda context + frag."}
+    if strategy == "ddp":
+        comp["ddp gradient buckets"] = comp["gradients"] if num_gpus > 1 else 0
+    else:
+        sharded = ("weights", "master weights", "lora params", "gradients", "optimizer states")
+        for key in sharded:
+            if key in comp:
+                comp[key] = 0 if cpu_offload else -(-comp[key] // num_gpus)    # ceil: shards are padded
+        unit = _layer_bytes(config, estimate.method)
+        per_param = 4 if estimate.method == "full_fp32" else 2          # FSDP-QLoRA: one storage dtype, 16 bit
+        outside = count_params(config) - sum(i * o for n, i, o in linear_shapes(config) if ".layers." in n)
+        comp["gathered layers (2)"] = 0 if num_gpus == 1 else 2 * unit
+        comp["gathered root unit"] = 0 if num_gpus == 1 else per_param * outside   # embeddings, norm, head
+    overhead = estimate.assumptions["cuda_context_gib"] * GiB + estimate.assumptions["fragmentation"] * sum(comp.values())
+    comp["cuda context + frag."] = int(overhead)
+    assumptions = dict(estimate.assumptions, strategy=strategy, num_gpus=num_gpus, cpu_offload=cpu_offload)
+    return MemoryEstimate(estimate.method, estimate.n_params, estimate.n_trainable, comp, assumptions)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Command line: python -m qlora_helpers.memory CONFIG --gpu t4 [--num-gpus 2 --strategy fsdp]
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Print the estimate and whether it fits; exit status 0 if it fits, 1 if not."""
@@ -466,16 +537,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     ap.add_argument("--optimizer", default="paged_adamw_8bit", choices=list(OPTIMIZERS))
+    ap.add_argument("--num-gpus", type=int, default=1, help="GPUs of the --gpu kind (memory is then per GPU)")
+    ap.add_argument("--strategy", default="ddp", choices=STRATEGIES,
+                    help="ddp: each GPU holds the whole run; fsdp: weights, adapters and states sharded")
+    ap.add_argument("--cpu-offload", action="store_true", help="FSDP's offload_params: shards in CPU RAM")
     args = ap.parse_args(argv)
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     try:
         est = estimate_memory(args.config, args.method, args.r, targets, args.batch_size, args.seq_len,
                               not args.no_gradient_checkpointing, args.optimizer)
+        if args.num_gpus > 1 or args.strategy != "ddp" or args.cpu_offload:
+            est = shard_estimate(est, args.config, args.strategy, args.num_gpus, args.cpu_offload)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     fit = will_it_fit(est, args.gpu)
     print(est.table())
+    if args.num_gpus > 1:
+        print(f"per GPU, {args.num_gpus} x {args.gpu} with {args.strategy.upper()}"
+              f"{' and CPU offload' if args.cpu_offload else ''} (batch {args.batch_size} on each GPU):")
     print(fit)
     return 0 if fit.fits else 1
 

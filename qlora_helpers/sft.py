@@ -25,6 +25,7 @@ import time
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .adapters import save_adapter
 from .core.chat_data import padded_collator
 from .core.evaluation import exact_match
 from .core.qlora_model import prepare_qlora_model
@@ -104,7 +105,7 @@ def training_arguments(profile, output_dir: str, recipe: Recipe | None = None, *
 # The whole lesson in one call: any model of the kit, the GPU capstone included
 # ----------------------------------------------------------------------------------------------
 def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int = 100,
-            max_new_tokens: int = 12, log=print) -> dict:
+            max_new_tokens: int = 12, log=print, adapter_dir=None, quant_storage=None, **trainer_overrides) -> dict:
     """Notebook 04 in one call, on ``profile``'s model: the date task, exact match of the 4-bit base
     on ``n_test`` held-out dates, QLoRA training with ``Trainer`` from ``recipe`` (default: the
     profile's), exact match after, the wall time and, on a GPU, the peak memory next to the
@@ -112,11 +113,22 @@ def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int 
     overhead allowance, as ``max_memory_allocated`` sees no CUDA context).
 
     The capstone of notebook 04 calls it on a 7B model on a T4 (``$QLORA_KIT_CAPSTONE``); the tests
-    call it on the tiny model.
+    call it on the tiny model; :mod:`qlora_helpers.train` calls it in every process of a launch.
+
+    Args:
+        n_test: held-out rows for exact match before and after; 0 skips both (the other processes of
+            a launch: only the first one evaluates).
+        adapter_dir: where :func:`qlora_helpers.adapters.save_adapter` writes the trained adapter (by
+            the first process only), or None.
+        quant_storage: the dtype of the stored 4-bit codes (:func:`qlora_helpers.core.runtime.load_model`).
+        trainer_overrides: keyword arguments for :func:`training_arguments` (a launch's
+            per-device batch).
 
     Returns:
-        a dict: ``model``, ``steps``, ``em_before``, ``em_after``, ``losses`` (logged),
-        ``train_seconds``, ``peak_bytes`` (None on the CPU), ``planned_bytes``, ``seq_len``.
+        a dict: ``model``, ``steps``, ``em_before``, ``em_after`` (None with ``n_test=0``), ``losses``
+        (logged), ``train_seconds``, ``peak_bytes`` (None on the CPU), ``planned_bytes``, ``seq_len``,
+        ``world_size``, ``distributed_type`` (accelerate's), ``wrapped`` (the class ``Trainer`` trained:
+        ``DistributedDataParallel``, ``FullyShardedDataParallel``, or the model's own), ``adapter_dir``.
     """
     recipe = recipe or recipe_for(profile)
     tok = load_tokenizer(profile)
@@ -127,19 +139,25 @@ def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int 
     if profile.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(recipe.seed)
-    base = load_model(profile)
-    em_before, _ = exact_match(base, tok, test_rows, max_new_tokens=max_new_tokens)
-    log(f"{profile.model}: exact match before training {em_before:.2f} ({n_test} test dates)")
+    base = load_model(profile, quant_storage=quant_storage)
+    em_before = em_after = None
+    if n_test:
+        em_before, _ = exact_match(base, tok, test_rows, max_new_tokens=max_new_tokens)
+        log(f"{profile.model}: exact match before training {em_before:.2f} ({n_test} test dates)")
     model = prepare_qlora_model(base, recipe)
     health = TrainingHealthCallback(model)
     collator = padded_collator(tok, None) if profile.device == "cpu" else packed_collator()
-    trainer = Trainer(model=model, args=training_arguments(profile, output_dir, recipe),
+    trainer = Trainer(model=model, args=training_arguments(profile, output_dir, recipe, **trainer_overrides),
                       train_dataset=train_ds, data_collator=collator, callbacks=[health])
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    em_after, _ = exact_match(model, tok, test_rows, max_new_tokens=max_new_tokens)
-    log(f"{profile.model}: {recipe.steps} steps in {seconds:.0f} s, exact match after {em_after:.2f}")
+    if adapter_dir is not None and trainer.is_world_process_zero():
+        save_adapter(model, adapter_dir, recipe)
+    if n_test:
+        em_after, _ = exact_match(model, tok, test_rows, max_new_tokens=max_new_tokens)
+    log(f"{profile.model}: {recipe.steps} steps in {seconds:.0f} s"
+        + (f", exact match after {em_after:.2f}" if n_test else ""))
     peak = torch.cuda.max_memory_allocated() if profile.device == "cuda" else None
     planner_name = profile.model if profile.model in KNOWN_CONFIGS else profile.model_files()
     plan = estimate_memory(planner_name, "qlora", r=recipe.r, batch_size=recipe.batch_size, seq_len=seq_len,
@@ -148,4 +166,6 @@ def run_sft(profile, output_dir: str, recipe: Recipe | None = None, n_test: int 
                            cuda_context_gib=0, fragmentation=0)
     return {"model": profile.model, "steps": recipe.steps, "em_before": em_before, "em_after": em_after,
             "losses": [h["loss"] for h in health.history], "train_seconds": seconds, "peak_bytes": peak,
-            "planned_bytes": plan.total, "seq_len": seq_len}
+            "planned_bytes": plan.total, "seq_len": seq_len, "world_size": trainer.args.world_size,
+            "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+            "wrapped": type(trainer.model_wrapped).__name__, "adapter_dir": None if adapter_dir is None else str(adapter_dir)}

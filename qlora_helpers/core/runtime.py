@@ -120,11 +120,14 @@ class Profile:
         _ensure_local(self)
         return self.model_source
 
-    def bnb_config(self, double_quant: bool = True, quant_type: str = "nf4"):
-        """The QLoRA paper's 4-bit recipe: NF4, double quantization, compute in ``compute_dtype``."""
+    def bnb_config(self, double_quant: bool = True, quant_type: str = "nf4", quant_storage: torch.dtype | None = None):
+        """The QLoRA paper's 4-bit recipe: NF4, double quantization, compute in ``compute_dtype``; the packed
+        codes stored as uint8 (bitsandbytes' default) or ``quant_storage`` (FSDP-QLoRA stores them in the
+        compute dtype, so that FSDP can shard them like the other weights: notebook 09)."""
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                   bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=self.compute_dtype)
+                                  bnb_4bit_compute_dtype=self.compute_dtype,
+                                  bnb_4bit_quant_storage=quant_storage or torch.uint8)
 
 
 def get_profile(name: str | None = None, model: str | None = None) -> Profile:
@@ -259,7 +262,7 @@ def load_tokenizer(profile: Profile | None = None):
 
 
 def load_model(profile: Profile | None = None, quantized: bool = True, double_quant: bool = True,
-               dtype: torch.dtype | None = None):
+               dtype: torch.dtype | None = None, quant_storage: torch.dtype | None = None):
     """``AutoModelForCausalLM.from_pretrained`` on the profile's model.
 
     A 4-bit model comes back with bitsandbytes' CPU repack switched off
@@ -274,6 +277,8 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
         dtype: the non-quantized weights' dtype instead of the compute dtype: ``torch.float32`` where a
             lesson needs the stored weights themselves, on a T4 too (notebook 01's full fine-tune,
             notebook 02's weight statistics); rounding them to fp16 would change what is studied.
+        quant_storage: the dtype the packed 4-bit codes are stored in (default uint8); FSDP-QLoRA needs
+            the compute dtype (:func:`qlora_helpers.train.check_launch` says why).
 
     Raises:
         ValueError: ``dtype`` is not a floating-point torch dtype.
@@ -285,9 +290,9 @@ def load_model(profile: Profile | None = None, quantized: bool = True, double_qu
     _ensure_local(profile)
     kw = {"dtype": dtype or profile.compute_dtype}
     if quantized:
-        kw["quantization_config"] = profile.bnb_config(double_quant=double_quant)
-    if profile.device == "cuda":
-        kw["device_map"] = {"": 0}
+        kw["quantization_config"] = profile.bnb_config(double_quant=double_quant, quant_storage=quant_storage)
+    if profile.device == "cuda":   # this process's GPU: under accelerate launch / torchrun each process has its own
+        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     key = _quantized_key(profile, kw) if quantized and profile.device == "cpu" else None
     if key in _QUANTIZED:
         return _copy_4bit(_QUANTIZED[key])
