@@ -465,7 +465,7 @@ def _layer_bytes(config, method: str) -> int:
             continue
         layer = name.split(".layers.")[1].split(".")[0]
         n = fan_in * fan_out
-        per_layer[layer] = per_layer.get(layer, 0) + (-(-n // 2) if method.startswith("qlora") else 2 * n)
+        per_layer[layer] = per_layer.get(layer, 0) + (storage_bytes(n)["packed"] if method.startswith("qlora") else 2 * n)
     if not per_layer:
         raise ValueError(f"no decoder layers named '.layers.' in {cfg.model_type}: FSDP's unit is unknown")
     return max(per_layer.values())
