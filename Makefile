@@ -11,7 +11,7 @@ export QLORA_KIT_PROFILE ?= offline
 export QLORA_KIT_CACHE ?= $(CURDIR)/.cache/qlora-kit
 export PYTHONHASHSEED := 0
 
-.PHONY: course course-t4 course-bf16 gpu-check colab test lab notebooks notebook venv assets browser-deps clean workshop
+.PHONY: course course-ko translations course-t4 course-bf16 gpu-check colab test lab notebooks notebook venv assets browser-deps clean workshop workshop-ko
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ assets: $(STAMP)
 ## Run every notebook headless on the offline profile, write figures/, print what each proved.
 course: assets
 	$(PY) -m qlora_helpers.course
+
+## The Korean track (notebooks/ko/, README.ko.md): the same code and outputs, the prose in Korean.
+course-ko: assets
+	$(PY) -m qlora_helpers.course --lang ko
+
+## Write notebooks/ko/ from the English notebooks and notebooks/ko/prose/ (after any change to a notebook);
+## `python -m qlora_helpers.translation ko --check` lists untranslated, stale and out-of-date cells.
+translations: $(STAMP)
+	$(PY) -m qlora_helpers.translation ko
 
 ## The whole course with a T4's numerics (fp16) on this CPU: which notebooks pass, or each one's first
 ## error (build/t4/results.json). What fp16 does to the course, without a GPU; about as long as `make course`.
@@ -55,11 +64,20 @@ gpu-check: $(STAMP)
 workshop: $(STAMP)
 	$(PY) -m qlora_helpers.workshop $(if $(RUN),--run)
 
+## The same pack from the Korean track (notebooks/ko/): build/workshop/ko/student/ and answer_key/.
+workshop-ko: $(STAMP)
+	$(PY) -m qlora_helpers.workshop --lang ko $(if $(RUN),--run)
+
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are. The 20
 ## slowest items are listed at the end: where CI's time goes, measured on CI's own machine.
+## Two workers (pytest-xdist; a notebook or a test file each, one torch thread each): 10.5 instead of 17.5
+## minutes on 2 cores (docs/measurements.md). JOBS=1 runs one, with torch's threads as the notebooks set them:
+## for a machine with under 16 GB of memory (two notebooks on the real model run at once).
+JOBS ?= 2
 test: assets browser-deps
-	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(PY) -m pytest tests qlora_helpers notebooks \
+	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(if $(filter-out 1,$(JOBS)),QLORA_KIT_THREADS=1) \
+		$(PY) -m pytest notebooks tests qlora_helpers $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) \
 		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q --durations=20
 
 ## The browser test's chromium and chromedriver (tests/test_browser.py), from Debian's packages: installed
@@ -78,20 +96,23 @@ browser-deps:
 ## README); REPO=none goes back to the wheel route; without REPO the notebooks keep the address they hold.
 colab: $(STAMP)
 	$(PY) -m qlora_helpers.colab $(if $(REPO),--repo $(REPO)) $(if $(BRANCH),--branch $(BRANCH))
+	$(PY) -m qlora_helpers.translation ko
 
 ## JupyterLab on the notebooks. The kit's notebooks are trusted first (jupyter trust), or JupyterLab shows
 ## their saved widgets as Python text until each cell runs. As root (containers, some cloud machines)
 ## JupyterLab refuses to start without --allow-root; it is passed only when the user is root.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter trust notebooks/*.ipynb
+	$(VENV)/bin/jupyter trust notebooks/*.ipynb notebooks/ko/*.ipynb
 	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ## Re-execute notebooks and write their outputs in place (for committing).
 notebooks: assets
 	$(PY) -m qlora_helpers.course --inplace
+	$(PY) -m qlora_helpers.translation ko
 
 notebook: assets
 	$(PY) -m qlora_helpers.course --inplace $(NB)
+	$(PY) -m qlora_helpers.translation ko
 
 clean:
 	rm -rf build .cache

@@ -35,7 +35,7 @@ COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 _GITHUB = re.compile(r"^https://github\.com/(?P<owner>[A-Za-z0-9](?:[A-Za-z0-9-]{0,38}))/"
                      r"(?P<name>[A-Za-z0-9._-]+?)(?:\.git)?/?$")
 _BRANCH = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]*$")
-_BADGE_LINE = re.compile(r"\n\n\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")   # the link in a title cell
+BADGE_LINE = re.compile(r"\n\n\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")   # the link in a title cell
 README_START, README_END = "<!-- colab-links: start (make colab writes this block) -->", "<!-- colab-links: end -->"
 
 
@@ -91,7 +91,7 @@ def write_notebook_links(notebook_dir: Path, repo: str | None, branch: str = "ma
     for path in sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(path, as_version=4)
         title = nb.cells[0]
-        head, _, rest = _BADGE_LINE.sub("", title.source).partition("\n")
+        head, _, rest = BADGE_LINE.sub("", title.source).partition("\n")
         link = f"\n\n{badge(colab_link(repo, f'notebooks/{path.name}', branch))}" if repo else ""
         source = f"{head}{link}\n{rest}" if rest else f"{head}{link}"
         if source != title.source:

@@ -17,6 +17,7 @@ yet" instead of failing (:func:`qlora_helpers.exercises.attempted`).
 
     python -m qlora_helpers.workshop          # build/workshop/student/, build/workshop/answer_key/
     python -m qlora_helpers.workshop --run    # then run every student copy top to bottom (as long as the course)
+    python -m qlora_helpers.workshop --lang ko   # the same from the Korean track, notebooks/ko/: build/workshop/ko/
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import nbformat
 
 from .course import execute, first_error
+from .translation import LANGUAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -95,17 +97,23 @@ def generate(notebooks: list[Path], out: Path) -> list[Path]:
     return made
 
 
-def course_notebooks() -> list[Path]:
-    """The numbered notebooks, in order."""
-    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+def course_notebooks(lang: str | None = None) -> list[Path]:
+    """The numbered notebooks, in order: the English ones, or a language track's (``notebooks/<lang>/``)."""
+    if lang is not None and lang not in LANGUAGES:
+        raise ValueError(f"no language track {lang!r}: the kit has {', '.join(sorted(LANGUAGES))}")
+    return sorted((ROOT / "notebooks" / (lang or "")).glob("[0-9][0-9]_*.ipynb"))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "workshop")
     ap.add_argument("--run", action="store_true", help="run every student copy top to bottom afterwards")
+    ap.add_argument("--lang", choices=sorted(LANGUAGES), help="from a language track, notebooks/<lang>/ "
+                    "(default out: build/workshop/<lang>)")
     args = ap.parse_args(argv)
-    notebooks = course_notebooks()
+    if args.lang and args.out == ROOT / "build" / "workshop":
+        args.out = args.out / args.lang
+    notebooks = course_notebooks(args.lang)
     student = generate(notebooks, args.out / "student")
     key = args.out / "answer_key"
     key.mkdir(parents=True, exist_ok=True)

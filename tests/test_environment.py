@@ -88,7 +88,8 @@ def third_party_imports() -> dict[str, set[str]]:
 def test_colab_has_everything_a_notebook_imports():
     """Every third-party module the notebooks and the kit import comes from a distribution the Colab
     setup cell installs (COLAB_PINS) or that Colab always has (COLAB_PREINSTALLED); the kit's dev
-    tools (nbformat, nbclient, selenium: the course runner, `make colab`, `make workshop`, the tests) are not imported on Colab.
+    tools (nbformat, nbclient, selenium: the course runner, `make colab`, `make workshop`, `make translations`, the
+    tests) are not imported on Colab.
     The mapping module -> distribution is the installed environment's own."""
     from importlib.metadata import packages_distributions
 
@@ -101,6 +102,6 @@ def test_colab_has_everything_a_notebook_imports():
     missing = {}
     for module, where in sorted(imports.items()):
         names = {d.lower() for d in dists.get(module, [module])}
-        if not names & (on_colab | dev_only) or (names & dev_only and not where <= {"course.py", "notebook_setup.py", "colab.py", "workshop.py"}):
+        if not names & (on_colab | dev_only) or (names & dev_only and not where <= {"course.py", "notebook_setup.py", "colab.py", "workshop.py", "translation.py"}):
             missing[module] = sorted(where)
     assert not missing, f"imported but neither installed by the Colab cell nor on Colab: {missing}"

@@ -91,3 +91,17 @@ def test_student_exercises_run_as_handed_out(student, tmp_path):
         for t in workshop.solution_cells(ROOT / "notebooks" / name):
             out = "".join(o.get("text", "") for o in nb.cells[where[name, t]].outputs)
             assert workshop.NOT_ATTEMPTED in out, f"{name}, code cell {t}: {out[:200]!r}"
+
+
+def test_korean_student_copies_hold_no_solution_and_keep_the_korean_prose(tmp_path):
+    """`make workshop-ko`: the same pack from notebooks/ko/; the exercises (code) are the English ones, so the
+    solution regions go the same way, and the prose handed out is the Korean."""
+    nb = next(p for p in workshop.course_notebooks("ko") if p.name == "01_lora_math.ipynb")
+    copy = workshop.generate([nb], tmp_path)[0]
+    text = copy.read_text()
+    assert workshop.BEGIN not in text and workshop.END not in text
+    code = [c for c in nbformat.read(copy, as_version=4).cells if c.cell_type == "code"]
+    assert sum(workshop.STUB in c.source for c in code) == len(workshop.solution_cells(nb)) > 0
+    assert "합니다" in text
+    with pytest.raises(ValueError, match="no language track 'xx'"):
+        workshop.course_notebooks("xx")

@@ -4,14 +4,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .offline import project_dir
+
 
 def figures_dir() -> Path:
-    """``$QLORA_KIT_FIGURES``, else the repository's ``figures/`` (found from the notebook's folder)."""
+    """``$QLORA_KIT_FIGURES``, else the checkout's ``figures/`` (:func:`~qlora_helpers.core.offline.project_dir`)."""
     if os.environ.get("QLORA_KIT_FIGURES"):
         d = Path(os.environ["QLORA_KIT_FIGURES"])
     else:
-        cwd = Path.cwd()
-        d = cwd.parent / "figures" if cwd.name == "notebooks" else cwd / "figures"
+        d = project_dir() / "figures"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

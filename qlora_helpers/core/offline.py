@@ -46,6 +46,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit"))
 
 
+def project_dir() -> Path:
+    """The checkout a notebook writes into (``build/``, ``figures/``): the folder above ``notebooks/`` when the
+    working directory is ``notebooks/`` or a language track in it (``notebooks/ko/``), else the working
+    directory (a script run from the checkout's top)."""
+    cwd = Path.cwd()
+    for d in (cwd, cwd.parent):
+        if d.name == "notebooks":
+            return d.parent
+    return cwd
+
+
 @dataclass(frozen=True)
 class OfflineAssets:
     """Where the offline profile lives. Each path loads with the standard library call."""
