@@ -71,13 +71,13 @@ workshop-ko: $(STAMP)
 ## Unit tests, docstring examples and nbval over every notebook (what .ci/run runs). Figures the
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are. The 20
 ## slowest items are listed at the end: where CI's time goes, measured on CI's own machine.
-## Two workers (pytest-xdist; a notebook or a test file each, one torch thread each): 10.5 instead of 17.5
-## minutes on 2 cores (docs/measurements.md). JOBS=1 runs one, with torch's threads as the notebooks set them:
-## for a machine with under 16 GB of memory (two notebooks on the real model run at once).
+## Two workers (pytest-xdist; a notebook or a test file each, 04 and 05 on one: conftest.py; one torch
+## thread each): pytest 10.5 instead of 17.5 minutes on 2 cores, at most 9.5 GB of memory (docs/measurements.md).
+## JOBS=1 runs one, with torch's threads as the notebooks set them, on a machine with less memory.
 JOBS ?= 2
 test: assets browser-deps
 	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(if $(filter-out 1,$(JOBS)),QLORA_KIT_THREADS=1) \
-		$(PY) -m pytest notebooks tests qlora_helpers $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadfile) \
+		$(PY) -m pytest notebooks tests qlora_helpers $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadgroup) \
 		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q --durations=20
 
 ## The browser test's chromium and chromedriver (tests/test_browser.py), from Debian's packages: installed

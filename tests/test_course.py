@@ -64,3 +64,22 @@ def test_a_cell_past_the_timeout_is_a_failed_row_and_the_run_goes_on(tmp_path, m
     rows = run_emulated([tmp_path / "01_slow.ipynb", tmp_path / "02_fine.ipynb"], tmp_path / "t4", "t4", timeout=3)
     assert [r["result"] for r in rows] == ["failed", "passed"]
     assert rows[0]["first_error"]["error"] == "CellTimeoutError: no result after 3 s"
+
+
+def test_the_korean_track_runs_from_its_own_folder(monkeypatch, capsys):
+    """`make course-ko` (course --lang ko) executes notebooks/ko/*.ipynb, each from its own folder, into
+    build/executed/ko/ (the English run's executed copies stay), and never writes into notebooks/ko/."""
+    from pathlib import Path
+
+    from qlora_helpers import course
+    ran = []
+    monkeypatch.setattr(course, "execute", lambda path, out: ran.append((path, out)) or 0.0)
+    monkeypatch.setenv(summary.SUMMARY_ENV, "unset")   # main() sets it; monkeypatch puts back what was there
+    assert course.main(["--lang", "ko"]) == 0
+    ko = course.ROOT / "notebooks" / "ko"
+    english = sorted((course.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert [p for p, _ in ran] == [ko / p.name for p in english]
+    assert all(out == course.ROOT / "build" / "executed" / "ko" / Path(p).name for p, out in ran)
+    with pytest.raises(SystemExit):
+        course.main(["--lang", "ko", "--inplace"])
+    assert "never writes into notebooks/ko/" in capsys.readouterr().err

@@ -5,6 +5,18 @@ import pytest
 # The tests run on the offline profile and never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Notebook 05 reloads the adapter notebook 04 trains and saves (or, when 04 has not run, trains a stand-in under
+# the same name): under pytest-xdist they must run on one worker, 04 first.
+RUN_TOGETHER = {"04_qlora_sft.ipynb": "notebooks 04 and 05", "05_merge_and_export.ipynb": "notebooks 04 and 05"}
+
+
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups (its worker plugin registers after this file)
+def pytest_collection_modifyitems(config, items):
+    """For `make test`'s two workers (`-n 2 --dist loadgroup`): every item in its file's group, so a notebook's
+    cells share one kernel and one worker, and notebooks 04 and 05 in one group, in collection order."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(RUN_TOGETHER.get(item.path.name, str(item.path))))
+
 
 @pytest.fixture(scope="session")
 def assets():
