@@ -72,7 +72,7 @@ workshop-ko: $(STAMP)
 ## notebooks draw under test go to build/figures, so the committed figures/ stay as they are. The 20
 ## slowest items are listed at the end: where CI's time goes, measured on CI's own machine.
 ## Two workers (pytest-xdist; a notebook or a test file each, 04 and 05 on one: conftest.py; one torch
-## thread each): pytest 10.5 instead of 17.5 minutes on 2 cores, at most 9.5 GB of memory (docs/measurements.md).
+## thread each): pytest 10.5 instead of 17.5 minutes on 2 cores, at most ~10.4 GB of memory (docs/measurements.md).
 ## JOBS=1 runs one, with torch's threads as the notebooks set them, on a machine with less memory.
 JOBS ?= 2
 test: assets browser-deps

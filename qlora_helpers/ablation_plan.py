@@ -87,6 +87,12 @@ def lorafa_parts() -> list[dict]:
     return [make_variant("freeze-a", optimizer="freeze-a"), make_variant("lorafa-fp32", optimizer="lorafa-fp32")]
 
 
+def rslora_own_lr() -> list[dict]:
+    """rsLoRA at r = 64 with its own learning rate: the baseline's divided by 8, the factor by which its scale
+    ``alpha / sqrt(r)`` exceeds LoRA's ``alpha / r`` at r = 64 (notebook 06, exercise 4; committed run)."""
+    return [make_variant("r64-rs-lr8", r=64, use_rslora=True, lr=BASELINE["lr"] / 8)]
+
+
 def lora_config_for(variant: dict):
     """The variant's PEFT ``LoraConfig`` (targets, rank, alpha, rsLoRA, DoRA): its recipe's."""
     return variant_recipe(variant).lora_config()

@@ -64,7 +64,7 @@ from peft.optimizers import lorafa as peft_lorafa
 from peft.optimizers.lorafa import LoraFAOptimizer
 
 from . import sft_data
-from .ablation_plan import CURVES, grid, lora_config_for, lorafa_parts, variant_recipe
+from .ablation_plan import CURVES, grid, lora_config_for, lorafa_parts, rslora_own_lr, variant_recipe
 
 # Statistics over seeds, the grid's figures and the plan (baseline, variants, grids) live in modules of
 # their own; notebook 06 imports them from there.
@@ -86,6 +86,9 @@ FULL_RESULTS = Path(__file__).parent / "results" / "ablations_full.json"
 # LoRA-FA taken apart (ablation_plan.lorafa_parts), the full grid's steps, seeds and test rows:
 # python -m qlora_helpers.ablations --full --only freeze-a,lorafa-fp32 --out qlora_helpers/results/lorafa_parts.json
 LORAFA_PARTS_RESULTS = Path(__file__).parent / "results" / "lorafa_parts.json"
+# rsLoRA at r = 64 with the learning rate divided by 8 (ablation_plan.rslora_own_lr; notebook 06, exercise 4):
+# python -m qlora_helpers.ablations --full --only r64-rs-lr8 --out qlora_helpers/results/rslora_own_lr.json
+RSLORA_LR_RESULTS = Path(__file__).parent / "results" / "rslora_own_lr.json"
 # ----------------------------------------------------------------------------------------------
 # Data: the same batches, in a seed-determined order, for every variant
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = grid(args.full)
         if args.only:
             names = args.only.split(",")
-            pool = plan["variants"] + lorafa_parts()   # LoRA-FA's parts run only when named
+            pool = plan["variants"] + lorafa_parts() + rslora_own_lr()   # these two run only when named
             unknown = set(names) - {v["name"] for v in pool}
             if unknown:
                 raise SystemExit(f"--only: unknown variant(s) {sorted(unknown)}; "

@@ -167,3 +167,18 @@ def test_lorafa_taken_apart_differs_where_it_says(offline_profile, data):
     assert sign_flips(steps["freeze-a"], steps["lorafa-fp32"]) > 0.05            # the projection
     assert 0 < sign_flips(steps["lorafa"], steps["lorafa-fp32"]) < 0.01           # bf16 rounding, and only that
     assert steps["freeze-a"].abs().max().item() == pytest.approx(lr, rel=1e-3)    # AdamW's first step: lr per entry
+
+
+def test_committed_rslora_own_lr_is_what_this_code_trains(offline_profile, data):
+    # Notebook 06's exercise 4 answered by a committed run: rsLoRA at r 64 with the learning rate / 8, three
+    # seeds on the full grid's base, steps and test rows, and its first steps retrained to the committed losses.
+    meta, rows = ab.load_results(ab.FULL_RESULTS, ab.RSLORA_LR_RESULTS)
+    (variant,) = ablation_plan.rslora_own_lr()
+    runs = [r for r in rows if r["name"] == variant["name"]]
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2] and all(r["lr"] == variant["lr"] for r in runs)
+    ab.check_same_base(meta, offline_profile)
+    from qlora_helpers.core.training import train_loop
+    committed = next(r for r in runs if r["seed"] == 0)
+    model, _ = ab.build_model(offline_profile, variant, data, seed=0)
+    log = train_loop(model, ab.make_optimizer(model, committed), ab.train_batches(data, 12, 0), committed["lr"])
+    assert log["losses"] == pytest.approx(committed["losses"][:12], abs=2e-3)   # as for the full grid
