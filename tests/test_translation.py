@@ -159,3 +159,21 @@ def test_readme_ko_lists_every_korean_notebook_and_its_links_resolve():
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     assert set(re.findall(r"`make ([\w-]+)", text)) <= targets
     assert "README.ko.md" in (ROOT / "README.md").read_text()
+
+
+def test_readme_ko_claims_quote_numbers_the_notebooks_print():
+    """README.ko.md's table of the source documents' claims quotes measured numbers; each (a decimal, or an integer
+    of three digits or more) must be in the committed outputs of the notebooks that measure them (02, 03, 06, 07),
+    so a re-made result that changes one fails here until the README says the new number."""
+    text = (ROOT / "README.ko.md").read_text(encoding="utf-8")
+    table = text.split("## 원문 문서의 주장과 측정 결과")[1].split("\n## ")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith(("| 원문", "|---"))]
+    printed = ""
+    for name in ("02_nf4_quantiles", "03_double_quant_memory", "06_ablations", "07_claims_measured"):
+        for cell in nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4).cells:
+            for out in cell.get("outputs", []):
+                printed += out.get("text", "") + out.get("data", {}).get("text/plain", "")
+    measured = [ln.strip("|").split("|")[1] for ln in rows]
+    numbers = [n for col in measured for n in re.findall(r"\d+\.\d+|\d{3,}", col)]
+    assert len(rows) >= 10 and len(numbers) >= 20, (len(rows), numbers)
+    assert not [n for n in numbers if n not in printed], [n for n in numbers if n not in printed]
