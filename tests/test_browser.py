@@ -210,8 +210,10 @@ def test_the_calculator_shows_as_controls_then_answers_a_change(lab, browser, re
                       if "llama-65b" in s.get_attribute("textContent"))
         browser.execute_script("arguments[0].scrollIntoView()", select)
         Select(select).select_by_visible_text("llama-65b")
-        wait.until(lambda b: outputs_text() != before)
-        assert "65,285,660,672 params" in outputs_text(), outputs_text()[:300]
+        # The output area is cleared before the new answer renders: wait for the answer, not for a change (an
+        # empty area is a change; under load the check once read it there, 2026-12-06).
+        wait.until(lambda b: "65,285,660,672 params" in outputs_text(),
+                   "the calculator's answer did not change to llama-65b's (65,285,660,672 params) in 90 s")
     except BaseException:
         SHOTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(SHOTS / f"{request.node.name}.png"))
