@@ -77,7 +77,7 @@ workshop-ko: $(STAMP)
 JOBS ?= 2
 test: assets browser-deps
 	QLORA_KIT_FIGURES=$(CURDIR)/build/figures $(if $(filter-out 1,$(JOBS)),QLORA_KIT_THREADS=1) \
-		$(PY) -m pytest notebooks tests qlora_helpers $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadgroup --no-loadscope-reorder) \
+		$(PY) -m pytest notebooks tests qlora_helpers $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist loadgroup) \
 		--doctest-modules --nbval-lax --nbval-current-env --nbval-cell-timeout=900 -q --durations=20
 
 ## The browser test's chromium and chromedriver (tests/test_browser.py), from Debian's packages: installed
