@@ -150,12 +150,13 @@ def check_launch(config: RunConfig, profile, recipe: Recipe, launch: Launch, dev
                          "DistributedDataParallel, every parameter whole), and accelerate's FSDP1 refuses a CPU. On a CPU "
                          "launch with qlora_helpers/configs/accelerate/ddp.yaml; FSDP needs CUDA GPUs")
     storage = _DTYPES.get(config.quant_storage or "uint8")
+    compute = str(profile.compute_dtype).removeprefix("torch.")
     if storage != profile.compute_dtype:
-        raise ValueError(f"FSDP-QLoRA needs quant_storage equal to the compute dtype ({str(profile.compute_dtype)[6:]} "
+        raise ValueError(f"FSDP-QLoRA needs quant_storage equal to the compute dtype ({compute} "
                          f"here), got {config.quant_storage or 'uint8 (the default)'}: FSDP shards floating-point "
                          f"parameters, and 4-bit codes stored as uint8 fail ('Integer parameters are unsupported' in "
                          f"FSDP2, 'FlatParameter requires uniform dtype' in FSDP1). Set quant_storage: "
-                         f"{str(profile.compute_dtype)[6:]} in the run config")
+                         f"{compute} in the run config")
 
 
 def train(config: RunConfig, launch: Launch | None = None, log=print) -> dict:

@@ -105,28 +105,33 @@ class Status:
         return not (self.missing or self.stale or self.orphan)
 
 
-def status(notebook: Path, lang: str) -> Status:
-    """Missing, stale and orphan translations of one English notebook."""
+def _load(notebook: Path, lang: str):
+    """The English notebook and its ``lang`` entries (none when the prose file does not exist yet)."""
     _check_lang(lang)
-    nb = nbformat.read(notebook, as_version=4)
     path = prose_path(lang, notebook)
-    entries = read_prose(path) if path.exists() else {}
+    return nbformat.read(notebook, as_version=4), (read_prose(path) if path.exists() else {})
+
+
+def _status(name: str, nb, entries: dict[str, Entry]) -> Status:
     cells = {c.id: c for c in _markdown(nb)}
-    return Status(notebook.name,
+    return Status(name,
                   missing=[i for i in cells if i not in entries],
                   stale=[i for i in cells if i in entries and entries[i].key != english_key(cells[i].source)],
                   orphan=[i for i in entries if i not in cells])
 
 
-def translate_notebook(notebook: Path, lang: str):
-    """The English notebook with its markdown cells in ``lang``; refuses when a cell has no translation."""
-    st = status(notebook, lang)
-    if st.missing:
-        raise ValueError(f"{notebook.name}: {len(st.missing)} markdown cell(s) have no {lang} translation "
-                         f"({', '.join(st.missing[:5])}{', ...' if len(st.missing) > 5 else ''}); run python -m "
+def status(notebook: Path, lang: str) -> Status:
+    """Missing, stale and orphan translations of one English notebook."""
+    return _status(notebook.name, *_load(notebook, lang))
+
+
+def _translate(notebook: Path, lang: str, nb, entries: dict[str, Entry]):
+    """``nb`` (the English notebook, as loaded) with its markdown cells replaced in place by ``entries``."""
+    missing = _status(notebook.name, nb, entries).missing
+    if missing:
+        raise ValueError(f"{notebook.name}: {len(missing)} markdown cell(s) have no {lang} translation "
+                         f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run python -m "
                          f"qlora_helpers.translation {lang} --add-missing, translate them and run it again")
-    nb = nbformat.read(notebook, as_version=4)
-    entries = read_prose(prose_path(lang, notebook))
     for cell in _markdown(nb):
         text = entries[cell.id].text
         badge = BADGE_LINE.search(cell.source)
@@ -139,6 +144,16 @@ def translate_notebook(notebook: Path, lang: str):
     return nb
 
 
+def translate_notebook(notebook: Path, lang: str):
+    """The English notebook with its markdown cells in ``lang``; refuses when a cell has no translation."""
+    return _translate(notebook, lang, *_load(notebook, lang))
+
+
+def _file_text(nb) -> str:
+    """A translated notebook as its committed file holds it."""
+    return nbformat.writes(nb) + "\n"
+
+
 def english_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
     return sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb"))
 
@@ -148,7 +163,7 @@ def build(lang: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
     changed = []
     for notebook in english_notebooks(notebook_dir):
         out = notebook_dir / lang / notebook.name
-        text = nbformat.writes(translate_notebook(notebook, lang)) + "\n"
+        text = _file_text(translate_notebook(notebook, lang))
         if not out.exists() or out.read_text(encoding="utf-8") != text:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text, encoding="utf-8")
@@ -160,8 +175,8 @@ def check(lang: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[str]:
     """Every problem of the ``lang`` track, one line each (empty: all translated, current and committed)."""
     problems = []
     for notebook in english_notebooks(notebook_dir):
-        st = status(notebook, lang)
-        nb = nbformat.read(notebook, as_version=4)
+        nb, entries = _load(notebook, lang)
+        st = _status(notebook.name, nb, entries)
         english = {c.id: c.source for c in _markdown(nb)}
         problems += [f"{notebook.name}: cell {i} has no translation" for i in st.missing]
         problems += [f"{notebook.name}: cell {i} is stale (English now {english_key(english[i])}):\n"
@@ -170,7 +185,7 @@ def check(lang: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[str]:
                      for i in st.orphan]
         out = notebook_dir / lang / notebook.name
         if not st.missing:
-            want = nbformat.writes(translate_notebook(notebook, lang)) + "\n"
+            want = _file_text(_translate(notebook, lang, nb, entries))
             if not out.exists() or out.read_text(encoding="utf-8") != want:
                 problems.append(f"{out.relative_to(notebook_dir.parent)} is not what the prose and the English "
                                 f"notebook make: run python -m qlora_helpers.translation {lang}")
