@@ -154,14 +154,16 @@ def _file_text(nb) -> str:
     return nbformat.writes(nb) + "\n"
 
 
-def english_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
+def numbered_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
+    """The course's notebooks in ``notebook_dir`` (``NN_name.ipynb``), in order: the English ones by default,
+    a language track's with ``notebooks/<lang>``."""
     return sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb"))
 
 
 def build(lang: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
     """Write every translated notebook of ``lang``; return those whose file changed."""
     changed = []
-    for notebook in english_notebooks(notebook_dir):
+    for notebook in numbered_notebooks(notebook_dir):
         out = notebook_dir / lang / notebook.name
         text = _file_text(translate_notebook(notebook, lang))
         if not out.exists() or out.read_text(encoding="utf-8") != text:
@@ -174,7 +176,7 @@ def build(lang: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
 def check(lang: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[str]:
     """Every problem of the ``lang`` track, one line each (empty: all translated, current and committed)."""
     problems = []
-    for notebook in english_notebooks(notebook_dir):
+    for notebook in numbered_notebooks(notebook_dir):
         nb, entries = _load(notebook, lang)
         st = _status(notebook.name, nb, entries)
         english = {c.id: c.source for c in _markdown(nb)}
@@ -190,7 +192,7 @@ def check(lang: str, notebook_dir: Path = NOTEBOOK_DIR) -> list[str]:
                 problems.append(f"{out.relative_to(notebook_dir.parent)} is not what the prose and the English "
                                 f"notebook make: run python -m qlora_helpers.translation {lang}")
     extra = sorted({p.name for p in (notebook_dir / lang).glob("*.ipynb")}
-                   - {p.name for p in english_notebooks(notebook_dir)})
+                   - {p.name for p in numbered_notebooks(notebook_dir)})
     problems += [f"notebooks/{lang}/{name} has no English notebook" for name in extra]
     return problems
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.stamp:
-            by_cell = {c.id: nb for nb in english_notebooks()
+            by_cell = {c.id: nb for nb in numbered_notebooks()
                        for c in _markdown(nbformat.read(nb, as_version=4))}
             for cell_id in args.stamp:
                 if cell_id not in by_cell:
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 stamp(args.lang, by_cell[cell_id], [cell_id])
             print(f"stamped {len(args.stamp)} cell(s)")
         if args.add_missing:
-            for nb in english_notebooks():
+            for nb in numbered_notebooks():
                 for cell_id in add_missing(args.lang, nb):
                     print(f"{nb.name}: cell {cell_id} added, untranslated")
         if args.check:

@@ -32,7 +32,7 @@ from pathlib import Path
 import nbformat
 
 from .course import execute, first_error
-from .translation import LANGUAGES
+from .translation import LANGUAGES, numbered_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -101,7 +101,7 @@ def course_notebooks(lang: str | None = None) -> list[Path]:
     """The numbered notebooks, in order: the English ones, or a language track's (``notebooks/<lang>/``)."""
     if lang is not None and lang not in LANGUAGES:
         raise ValueError(f"no language track {lang!r}: the kit has {', '.join(sorted(LANGUAGES))}")
-    return sorted((ROOT / "notebooks" / (lang or "")).glob("[0-9][0-9]_*.ipynb"))
+    return numbered_notebooks(ROOT / "notebooks" / (lang or ""))
 
 
 def main(argv=None) -> int:
