@@ -485,7 +485,7 @@ def shard_estimate(estimate: MemoryEstimate, config, strategy: str, num_gpus: in
       bitsandbytes' quantization constants live in each weight's ``quant_state``, not in a parameter,
       so FSDP does not shard them: each GPU holds them all. Activations are per GPU as before.
       ``cpu_offload`` (FSDP's ``offload_params``) keeps the shards and their optimizer step in CPU RAM:
-      the GPU keeps the gathered layers, the constants and the activations.
+      the GPU keeps the gathered layers, the constants and the activations, on one GPU as on several.
 
     >>> run = estimate_memory("llama-2-70b", "qlora", r=8, batch_size=2, seq_len=2048)
     >>> per_gpu = shard_estimate(run, "llama-2-70b", "fsdp", 2)
@@ -512,8 +512,12 @@ def shard_estimate(estimate: MemoryEstimate, config, strategy: str, num_gpus: in
         unit = _layer_bytes(config, estimate.method)
         per_param = 4 if estimate.method == "full_fp32" else 2          # FSDP-QLoRA: one storage dtype, 16 bit
         outside = count_params(config) - sum(i * o for n, i, o in linear_shapes(config) if ".layers." in n)
-        comp["gathered layers (2)"] = 0 if num_gpus == 1 else 2 * unit
-        comp["gathered root unit"] = 0 if num_gpus == 1 else per_param * outside   # embeddings, norm, head
+        # One GPU without offload keeps its whole model (FSDP runs NO_SHARD): nothing to gather. With offload
+        # the weights live in CPU RAM even on one GPU, and each unit is copied in to compute (torch's
+        # FlatParamHandle supports NO_SHARD + offload).
+        gathers = num_gpus > 1 or cpu_offload
+        comp["gathered layers (2)"] = 2 * unit if gathers else 0
+        comp["gathered root unit"] = per_param * outside if gathers else 0   # embeddings, norm, head
     overhead = estimate.assumptions["cuda_context_gib"] * GiB + estimate.assumptions["fragmentation"] * sum(comp.values())
     comp["cuda context + frag."] = int(overhead)
     assumptions = dict(estimate.assumptions, strategy=strategy, num_gpus=num_gpus, cpu_offload=cpu_offload)

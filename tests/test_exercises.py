@@ -1,6 +1,6 @@
 """The exercise checkers of every lesson share one protocol (qlora_helpers.exercises): a placeholder
 waits, a right answer passes, a wrong one fails with what is off. Checkers of lessons 01-03 and 05
-are tested beside their lesson's tests; these are the protocol and lessons 00, 04 and 06."""
+are tested beside their lesson's tests; these are the protocol and lessons 00, 04, 06, 07 and 09."""
 import pytest
 
 from qlora_helpers import exercises
@@ -283,3 +283,40 @@ def test_lesson07_predicted_bytes_refuse_placeholders_printed_values_and_the_pla
         return {"trainable weights": est["lora params"], "gradients": est["gradients"], "optimizer state": est["optimizer states"]}
     with pytest.raises(AssertionError, match="asks you to write this yourself"):
         lesson07.check_predicted_bytes(via_planner, real_profile)
+
+
+def test_lesson09_plan_gpus_refuses_placeholders_ddp_offload_first_and_the_reference(capsys):
+    """The oracle is the kit's planner, asked in the exercise's order; four plans, one of each kind, drawn anew.
+    Wrong answers a learner writes: replicating (DDP), offload tried first, offload never tried, the reference
+    itself."""
+    from qlora_helpers.exercises import lesson09
+    from qlora_helpers.memory import shard_estimate, will_it_fit
+
+    def search(strategies_in_order):
+        def plan_gpus(model, gpu, batch_size, seq_len):
+            run = lesson09.fsdp_qlora_run(model, batch_size, seq_len)
+            for strategy, offload in strategies_in_order:
+                for n in range(1, lesson09.MAX_GPUS + 1):
+                    if will_it_fit(shard_estimate(run, model, strategy, n, offload), gpu).fits:
+                        return n, offload
+            return lesson09.DOES_NOT_FIT
+        return plan_gpus
+
+    assert lesson09.check_plan_gpus(None) is None
+    assert lesson09.check_plan_gpus(lambda *case: None) is None                      # the student stub
+    assert lesson09.check_plan_gpus(search([("fsdp", False), ("fsdp", True)])) is True
+    assert "one of each kind" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="on 1 GPU the plan .*does NOT fit"):
+        lesson09.check_plan_gpus(lambda *case: (1, False))
+    with pytest.raises(AssertionError, match="you say nothing fits"):
+        lesson09.check_plan_gpus(search([("ddp", False)]))                          # DDP never fits more
+    with pytest.raises(AssertionError, match="a plan without offload fits too"):
+        lesson09.check_plan_gpus(search([("fsdp", True), ("fsdp", False)]))
+    with pytest.raises(AssertionError, match="you say nothing fits"):
+        lesson09.check_plan_gpus(search([("fsdp", False)]))                          # offload never tried
+    with pytest.raises(AssertionError, match="return \\(num_gpus, cpu_offload\\)"):
+        lesson09.check_plan_gpus(lambda *case: [2, False])
+    with pytest.raises(AssertionError, match="lesson09.reference"):
+        lesson09.check_plan_gpus(lesson09.reference)
+    kinds = [lesson09._kind(lesson09.reference(*c)) for c in lesson09.draw_cases(0)]
+    assert kinds == list(lesson09.KINDS)

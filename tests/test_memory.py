@@ -211,6 +211,18 @@ def test_per_gpu_memory_under_ddp_and_fsdp_against_published_fsdp_qlora():
     assert M.shard_estimate(run, "llama-2-70b", "fsdp", 4).total < fsdp.total
 
 
+def test_fsdp_on_one_gpu_is_the_plain_run_unless_it_offloads():
+    """torch's FSDP on a world of one runs NO_SHARD (the whole model stays, nothing is gathered); with
+    ``offload_params`` the weights stay in CPU RAM on one GPU too, and each unit is copied in to compute
+    (``FlatParamHandle`` supports NO_SHARD + offload), so one GPU holds what each of two holds."""
+    run = M.estimate_memory("llama-2-70b", "qlora", r=8, batch_size=2, seq_len=2048, optimizer="adamw_torch",
+                            upcast_non_quantized=False)
+    assert M.shard_estimate(run, "llama-2-70b", "fsdp", 1).total == run.total
+    one, two = (M.shard_estimate(run, "llama-2-70b", "fsdp", n, cpu_offload=True) for n in (1, 2))
+    assert one.components["weights"] == 0 and one.components["gathered layers (2)"] > 0
+    assert one.components == two.components
+
+
 def test_sharding_errors_and_the_cli(capsys):
     run = M.estimate_memory("llama-2-7b")
     for kw, says in (({"strategy": "zero3", "num_gpus": 2}, "strategy must be one of"),

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # 04's trained adapter (minutes that CI spends once, in nbval's run of the answer key).
 # `python -m qlora_helpers.workshop --run` runs every student copy top to bottom.
 RUN_IN_CI = ["00_start_here.ipynb", "01_lora_math.ipynb", "02_nf4_quantiles.ipynb", "03_double_quant_memory.ipynb",
-             "04_qlora_sft.ipynb", "06_ablations.ipynb", "07_claims_measured.ipynb", "08_when_it_breaks.ipynb"]
+             "04_qlora_sft.ipynb", "06_ablations.ipynb", "07_claims_measured.ipynb", "08_when_it_breaks.ipynb",
+             "09_scale_out.ipynb"]
 
 
 @pytest.fixture(scope="module")
