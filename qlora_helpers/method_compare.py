@@ -12,8 +12,10 @@ measured, on the course model (SmolLM2-135M-Instruct), with one design that make
   start from the same ``lora_A`` (the same random draws, asserted in the notebook), so their difference is
   the quantization's;
 * the learning rate cannot be shared: full fine-tuning moves every weight, LoRA a low-rank update scaled by
-  ``alpha / r``. Each gets its own by the same rule, a sweep on seed 0 where the lowest held-out loss wins
-  (:data:`FULL_LRS`, :data:`LORA_LRS`; both sweeps are committed). QLoRA takes LoRA's rate: the claim is that
+  ``alpha / r``. Each gets its own by the same rule, a sweep on seed 0 where the lowest loss on the
+  validation rows wins (:data:`FULL_LRS`, :data:`LORA_LRS`; both sweeps are committed). The validation rows
+  are test rows :data:`N_TEST` to ``N_TEST + N_VAL``, disjoint from the rows every result is reported on, so
+  no reported number chose its own rate. QLoRA takes LoRA's rate: the claim is that
   it matches 16-bit LoRA with the same hyper-parameters;
 * a difference is judged on paired seeds: per seed, method minus method, then mean and spread of those
   differences (:func:`paired_differences`).
@@ -24,8 +26,9 @@ activations held for backward) next to :func:`qlora_helpers.memory.estimate_memo
 
 Run: ``python -m qlora_helpers.method_compare`` (writes :data:`RESULTS`: about 50 minutes on a 2-core AMD EPYC
 with 2 threads, 37 of them for the two sweeps and the nine runs; ``--resume`` keeps what an interrupted job
-made, ``--step-cost`` measures the step costs again, on a machine doing nothing else); notebook 07 reads it
-and retraces a few steps live. Open defect: the process keeps about 2 GB per run that neither ``gc.collect()``
+made, and re-makes the sweeps if they have no validation loss, as those made before :data:`N_VAL` existed:
+23.5 minutes for the eight; ``--step-cost`` measures the step costs again, on a machine doing nothing else);
+notebook 07 reads it and retraces a few steps live. Open defect: the process keeps about 2 GB per run that neither ``gc.collect()``
 nor glibc's ``malloc_trim`` gives back (measured: 4.05 -> 10.51 GB over four 2-step runs), so the whole job
 reached 24 GB and was killed at its last stage once; ``--resume`` in a fresh process continues.
 """
@@ -68,6 +71,7 @@ LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3)   # LoRA, around the recipe's 1e-3; QLoRA ta
 SEEDS = (0, 1, 2)
 EVAL_EVERY = 10                        # held-out loss every 10 steps, besides the end
 N_TEST = 100
+N_VAL = 100                            # the sweeps' validation rows: test rows 100-199, never reported
 GEN_TOKENS = 48                        # new tokens allowed when generation lengths are measured
 RESULTS = Path(__file__).parent / "results" / "methods.json"
 
@@ -79,14 +83,23 @@ class MethodData:
     train: object           # the same, tokenized (input_ids, labels)
     test_rows: list         # dicts with prompt / answer / messages
     eval_batches: list      # padded batches of the test rows, for the held-out loss
+    val_batches: list       # the same for the validation rows, on which the sweeps choose a rate
 
 
-def load_method_data(profile, n_test: int = N_TEST, batch_size: int = 16) -> MethodData:
-    """Tokenizer, train split (raw and tokenized), ``n_test`` test rows and their batches."""
+def load_method_data(profile, n_test: int = N_TEST, batch_size: int = 16, n_val: int = N_VAL) -> MethodData:
+    """Tokenizer, train split (raw and tokenized), the first ``n_test`` test rows and their batches, and the
+    next ``n_val`` test rows' batches (validation: the sweeps choose on them, nothing is reported on them).
+
+    Raises:
+        ValueError: the test split has fewer than ``n_test + n_val`` rows.
+    """
     tok, ds = load_tokenizer(profile), load_task_dataset(profile)
-    test = ds["test"].select(range(n_test))
+    if n_test + n_val > len(ds["test"]):
+        raise ValueError(f"n_test={n_test} reported rows and n_val={n_val} validation rows need {n_test + n_val} "
+                         f"test rows; the task has {len(ds['test'])}: lower one of them")
+    test, val = ds["test"].select(range(n_test)), ds["test"].select(range(n_test, n_test + n_val))
     return MethodData(tok, ds["train"], tokenize_dataset(ds["train"], tok), list(test),
-                      heldout_batches(test, tok, batch_size))
+                      heldout_batches(test, tok, batch_size), heldout_batches(val, tok, batch_size))
 
 
 def build_method_model(profile, method: str, recipe: Recipe = KIT_LOOP, seed: int = 0):
@@ -165,6 +178,7 @@ def train_method(profile, method: str, seed: int, data: MethodData, lr: float | 
     row = {"method": method, "seed": seed, "lr": lr, "steps": steps,
            "trainable": sum(p.numel() for p in params), "total": sum(p.numel() for p in model.parameters()),
            "losses": losses, "eval_losses": eval_losses, "eval_loss": eval_losses[steps],
+           "val_loss": heldout_loss(model, data.val_batches),
            "memory": memory_components(model, opt, saved.total),
            "planned": planner_components(profile, method, recipe, recipe.batch_size,
                                          batches[0]["input_ids"].shape[1]),
@@ -226,8 +240,21 @@ def step_costs(profile, data: MethodData, seed: int = 0, recipe: Recipe = KIT_LO
 # Reading the results
 # ----------------------------------------------------------------------------------------------
 def best_lr(sweep: list[dict]) -> float:
-    """The sweep's learning rate with the lowest final held-out loss."""
-    return min(sweep, key=lambda r: r["eval_loss"])["lr"]
+    """The sweep's learning rate with the lowest final loss on the validation rows (``val_loss``), never on the
+    rows the results are reported on.
+
+    >>> best_lr([{"lr": 1e-4, "val_loss": 0.3, "eval_loss": 0.1}, {"lr": 1e-3, "val_loss": 0.2, "eval_loss": 0.4}])
+    0.001
+
+    Raises:
+        ValueError: a row without ``val_loss`` (made before the validation rows existed: re-make the sweeps with
+            ``python -m qlora_helpers.method_compare --resume``, which keeps the other runs).
+    """
+    old = [r["lr"] for r in sweep if "val_loss" not in r]
+    if old:
+        raise ValueError(f"sweep rows at lr {old} have no val_loss: they chose on the reported rows; re-make them "
+                         f"with `python -m qlora_helpers.method_compare --resume` (the sweeps only, ~24 minutes)")
+    return min(sweep, key=lambda r: r["val_loss"])["lr"]
 
 
 def paired_differences(rows: list[dict], a: str, b: str, key: str = "eval_loss") -> dict:
@@ -257,7 +284,7 @@ def save_results(payload: dict, path, profile) -> Path:
     """``payload`` (sweep, rows, seed_recipe, step_cost) with a meta record of what made it; losses rounded."""
     def slim(r):
         return {**r, "losses": [round(x, 5) for x in r["losses"]]} if "losses" in r else r
-    meta = {"base": base_file_sha256(profile), "recipe": KIT_LOOP.as_dict(), "n_test": N_TEST,
+    meta = {"base": base_file_sha256(profile), "recipe": KIT_LOOP.as_dict(), "n_test": N_TEST, "n_val": N_VAL,
             "torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
             "bitsandbytes": bitsandbytes.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -303,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         payload.update({k: v for k, v in old.items() if k != "meta"})
 
     def run(bucket: str, method: str, seed: int, lr: float, evaluate: bool) -> dict:
-        """The run from ``payload[bucket]`` if it is there, else trained, appended and saved at once (a long job
-        that stops keeps what it made)."""
-        for r in payload[bucket]:
-            if (r["method"], r["seed"], r["lr"]) == (method, seed, lr):
-                return r
+        """The run from ``payload[bucket]`` if it is there (a sweep's only with its validation loss), else
+        trained, put in its place and saved at once (a long job that stops keeps what it made)."""
+        kept = [r for r in payload[bucket] if (r["method"], r["seed"], r["lr"]) == (method, seed, lr)]
+        if kept and (bucket == "rows" or "val_loss" in kept[0]):
+            return kept[0]
         r = train_method(profile, method, seed, data, lr=lr, evaluate=evaluate)
-        payload[bucket].append(r)
+        payload[bucket] = [x for x in payload[bucket] if x not in kept] + [r]
         save_results(payload, args.out, profile)
         print(f"{bucket}: {method} seed {seed} lr {lr:g}: held-out loss {r['eval_loss']:.4f}"
               + (f", EM {r['exact_match']:.2f}" if evaluate else ""), flush=True)

@@ -13,7 +13,7 @@ SMALL = KIT_LOOP.replace(r=4, lora_alpha=8)
 
 @pytest.fixture(scope="module")
 def data(offline_profile):
-    return M.load_method_data(offline_profile, n_test=8)
+    return M.load_method_data(offline_profile, n_test=8, n_val=8)
 
 
 def test_lora_and_qlora_start_from_the_same_adapter_and_differ_only_in_the_base(offline_profile):
@@ -42,6 +42,22 @@ def test_memory_by_component_agrees_with_the_planner_where_both_count_bytes(offl
     # planner's count plus the model's buffers (rotary frequencies), once per layer (not twice through PEFT).
     assert 0 <= got["frozen weights"] - planned["frozen weights"] <= 4096
     assert set(row["eval_losses"]) == {0, 2} and row["eval_losses"][2] < row["eval_losses"][0]
+    # The sweeps choose on other rows than the reported ones: a validation loss of its own, on other batches.
+    assert row["val_loss"] != row["eval_loss"] and row["val_loss"] < row["eval_losses"][0]
+
+
+def test_the_sweeps_choose_on_validation_rows_never_on_the_reported_ones(offline_profile, data):
+    """The validation rows follow the reported ones in the test split, disjoint; a sweep row without a
+    validation loss (made when the sweeps chose on the reported rows) is refused by name, and so is asking for
+    more rows than the split has."""
+    ids = lambda batches: {tuple(x.tolist()) for b in batches for x in b["input_ids"]}
+    assert not ids(data.eval_batches) & ids(data.val_batches) and len(ids(data.val_batches)) == 8
+    sweep = [{"lr": lr, "eval_loss": e, "val_loss": v} for lr, e, v in [(1e-4, 0.1, 0.3), (1e-3, 0.2, 0.2)]]
+    assert M.best_lr(sweep) == 1e-3                               # the validation loss decides, not eval_loss
+    with pytest.raises(ValueError, match=r"lr \[0.0001\] have no val_loss.*--resume"):
+        M.best_lr([{k: v for k, v in sweep[0].items() if k != "val_loss"}, sweep[1]])
+    with pytest.raises(ValueError, match="n_test=150 reported rows and n_val=100 validation rows need 250"):
+        M.load_method_data(offline_profile, n_test=150)
 
 
 def test_held_for_backward_two_counts_agree_and_checkpointing_holds_less(offline_profile, data):
