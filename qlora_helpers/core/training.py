@@ -111,7 +111,11 @@ class saved_tensor_bytes:
         if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
             s = t.untyped_storage()
             self._seen[s.data_ptr()] = s.nbytes()
-        return t
+        # detach(): the same storage, without t's grad_fn. Returning t itself makes a cycle through C++ for a
+        # saved output (t -> its grad_fn -> t) that Python's gc cannot see: the graph, every activation and the
+        # model behind it were never freed (notebook 07's job kept ~2 GB per run; torch's own warning in
+        # torch.autograd.graph.saved_tensors_hooks).
+        return t.detach()
 
     @property
     def total(self) -> int:
