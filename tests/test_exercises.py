@@ -286,7 +286,7 @@ def test_lesson07_predicted_bytes_refuse_placeholders_printed_values_and_the_pla
 
 
 def test_lesson09_plan_gpus_refuses_placeholders_ddp_offload_first_and_the_reference(capsys):
-    """The oracle is the kit's planner, asked in the exercise's order; four plans, one of each kind, drawn anew.
+    """The oracle is the kit's planner, asked in the exercise's order; five plans, one of each kind and one that needs all eight GPUs, drawn anew.
     Wrong answers a learner writes: replicating (DDP), offload tried first, offload never tried, the reference
     itself."""
     from qlora_helpers.exercises import lesson09
@@ -302,10 +302,20 @@ def test_lesson09_plan_gpus_refuses_placeholders_ddp_offload_first_and_the_refer
             return lesson09.DOES_NOT_FIT
         return plan_gpus
 
+    def search_upto(last):
+        def plan_gpus(model, gpu, batch_size, seq_len):
+            run = lesson09.fsdp_qlora_run(model, batch_size, seq_len)
+            for offload in (False, True):
+                for n in range(1, last + 1):
+                    if will_it_fit(shard_estimate(run, model, "fsdp", n, offload), gpu).fits:
+                        return n, offload
+            return lesson09.DOES_NOT_FIT
+        return plan_gpus
+
     assert lesson09.check_plan_gpus(None) is None
     assert lesson09.check_plan_gpus(lambda *case: None) is None                      # the student stub
     assert lesson09.check_plan_gpus(search([("fsdp", False), ("fsdp", True)])) is True
-    assert "one of each kind" in capsys.readouterr().out
+    assert "one of each kind, and one that needs all 8 GPUs" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="on 1 GPU the plan .*does NOT fit"):
         lesson09.check_plan_gpus(lambda *case: (1, False))
     with pytest.raises(AssertionError, match="you say nothing fits"):
@@ -318,5 +328,8 @@ def test_lesson09_plan_gpus_refuses_placeholders_ddp_offload_first_and_the_refer
         lesson09.check_plan_gpus(lambda *case: [2, False])
     with pytest.raises(AssertionError, match="lesson09.reference"):
         lesson09.check_plan_gpus(lesson09.reference)
-    kinds = [lesson09._kind(lesson09.reference(*c)) for c in lesson09.draw_cases(0)]
-    assert kinds == list(lesson09.KINDS)
+    cases = lesson09.draw_cases(0)
+    assert [lesson09._kind(lesson09.reference(*c)) for c in cases[:4]] == list(lesson09.KINDS)
+    assert lesson09.reference(*cases[4]) == (lesson09.MAX_GPUS, False)
+    with pytest.raises(AssertionError, match="you say nothing fits|a plan without offload fits too"):
+        lesson09.check_plan_gpus(search_upto(lesson09.MAX_GPUS - 1))                 # stops one GPU short

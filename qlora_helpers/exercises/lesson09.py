@@ -4,7 +4,8 @@ The learner writes ``plan_gpus(model, gpu, batch_size, seq_len)``: how many GPUs
 (PEFT's FSDP-QLoRA recipe, :func:`fsdp_qlora_run`), preferring a run without CPU offload, as
 ``(num_gpus, cpu_offload)``, or :data:`DOES_NOT_FIT`. The oracle is the kit's planner
 (:func:`qlora_helpers.memory.shard_estimate`, :func:`~qlora_helpers.memory.will_it_fit`), asked about one plan of each
-kind (one GPU; several without offload; offload; nothing) drawn anew at every check.
+kind (one GPU; several without offload; offload; nothing) and one that needs all :data:`MAX_GPUS`, drawn anew at
+every check.
 """
 from __future__ import annotations
 
@@ -67,15 +68,17 @@ def _kind(answer) -> str:
 
 
 def draw_cases(seed: int) -> list[tuple[str, str, int, int]]:
-    """One (model, gpu, batch_size, seq_len) of each of :data:`KINDS`, drawn with ``seed`` from every model of
+    """One (model, gpu, batch_size, seq_len) of each of :data:`KINDS`, and one whose answer is all
+    :data:`MAX_GPUS` without offload (a loop that stops short fails it), drawn with ``seed`` from every model of
     :data:`MODELS`, card of :data:`~qlora_helpers.memory.GPUS`, batch of 1-4 and length of 512-4096 tokens."""
     grid = list(itertools.product(MODELS, sorted(GPUS), (1, 2, 3, 4), (512, 1024, 2048, 4096)))
     random.Random(seed).shuffle(grid)
-    found = {}
+    found, wanted = {}, [*KINDS, "all GPUs"]
     for case in grid:
-        found.setdefault(_kind(reference(*case)), case)
-        if len(found) == len(KINDS):
-            return [found[k] for k in KINDS]
+        answer = reference(*case)
+        found.setdefault("all GPUs" if answer == (MAX_GPUS, False) else _kind(answer), case)
+        if len(found) == len(wanted):
+            return [found[k] for k in wanted]
     raise RuntimeError(f"the grid holds plans of only these kinds: {sorted(found)}")
 
 
@@ -95,8 +98,9 @@ def _what_is_off(case, answer, want) -> str:
 
 
 def check_plan_gpus(plan_gpus) -> bool | None:
-    """The exercise: ``plan_gpus(model, gpu, batch_size, seq_len)`` against :func:`reference` on four plans, one
-    of each kind, drawn anew at every check (calling :func:`reference` itself fails)."""
+    """The exercise: ``plan_gpus(model, gpu, batch_size, seq_len)`` against :func:`reference` on five plans, one
+    of each kind and one that needs all :data:`MAX_GPUS`, drawn anew at every check (calling :func:`reference`
+    itself fails)."""
     if not attempted(plan_gpus, "Exercise"):
         return None   # waiting: nothing to display below the hint
     cases = draw_cases(fresh_seed())
@@ -113,5 +117,6 @@ def check_plan_gpus(plan_gpus) -> bool | None:
         want = reference(*case)
         expect(answer == want, _what_is_off(case, answer, want))
         lines.append(f"  {case[0]} on {case[1]}, batch {case[2]} x {case[3]}: {answer}")
-    print("Exercise: correct on four plans, one of each kind:\n" + "\n".join(lines))
+    print("Exercise: correct on five plans (one of each kind, and one that needs all "
+          f"{MAX_GPUS} GPUs):\n" + "\n".join(lines))
     return True
