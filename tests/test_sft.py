@@ -1,8 +1,10 @@
 """qlora_helpers.sft / sft_data: the oracles are transformers' own model run on each example alone,
 token counts by hand, and a few real Trainer steps on the offline model."""
 import dataclasses
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -172,8 +174,6 @@ def test_saved_tensor_bytes_frees_the_graph_and_keeps_the_gradients():
     """What the context saved is freed with the output, and backward inside it computes the same gradients.
     Before the fix a saved output held itself through its grad_fn (a cycle Python's gc cannot see): the graph,
     its activations and the model behind them lived for the whole process (~2 GB a run in notebook 07's job)."""
-    import gc
-    import weakref
     from qlora_helpers.core.training import saved_tensor_bytes
     torch.manual_seed(0)
     lin, x = torch.nn.Linear(8, 8), torch.randn(4, 8)
