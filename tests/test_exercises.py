@@ -286,28 +286,18 @@ def test_lesson07_predicted_bytes_refuse_placeholders_printed_values_and_the_pla
 
 
 def test_lesson09_plan_gpus_refuses_placeholders_ddp_offload_first_and_the_reference(capsys):
-    """The oracle is the kit's planner, asked in the exercise's order; five plans, one of each kind and one that needs all eight GPUs, drawn anew.
-    Wrong answers a learner writes: replicating (DDP), offload tried first, offload never tried, the reference
+    """The oracle is the kit's planner, asked in the exercise's order; five plans, one of each kind and one that
+    needs all eight GPUs, drawn anew. Wrong answers a learner writes: replicating (DDP), offload tried first, offload never tried, the reference
     itself."""
     from qlora_helpers.exercises import lesson09
     from qlora_helpers.memory import shard_estimate, will_it_fit
 
-    def search(strategies_in_order):
+    def search(strategies_in_order, last=lesson09.MAX_GPUS):
         def plan_gpus(model, gpu, batch_size, seq_len):
             run = lesson09.fsdp_qlora_run(model, batch_size, seq_len)
             for strategy, offload in strategies_in_order:
-                for n in range(1, lesson09.MAX_GPUS + 1):
-                    if will_it_fit(shard_estimate(run, model, strategy, n, offload), gpu).fits:
-                        return n, offload
-            return lesson09.DOES_NOT_FIT
-        return plan_gpus
-
-    def search_upto(last):
-        def plan_gpus(model, gpu, batch_size, seq_len):
-            run = lesson09.fsdp_qlora_run(model, batch_size, seq_len)
-            for offload in (False, True):
                 for n in range(1, last + 1):
-                    if will_it_fit(shard_estimate(run, model, "fsdp", n, offload), gpu).fits:
+                    if will_it_fit(shard_estimate(run, model, strategy, n, offload), gpu).fits:
                         return n, offload
             return lesson09.DOES_NOT_FIT
         return plan_gpus
@@ -332,4 +322,4 @@ def test_lesson09_plan_gpus_refuses_placeholders_ddp_offload_first_and_the_refer
     assert [lesson09._kind(lesson09.reference(*c)) for c in cases[:4]] == list(lesson09.KINDS)
     assert lesson09.reference(*cases[4]) == (lesson09.MAX_GPUS, False)
     with pytest.raises(AssertionError, match="you say nothing fits|a plan without offload fits too"):
-        lesson09.check_plan_gpus(search_upto(lesson09.MAX_GPUS - 1))                 # stops one GPU short
+        lesson09.check_plan_gpus(search([("fsdp", False), ("fsdp", True)], lesson09.MAX_GPUS - 1))   # one short

@@ -35,9 +35,9 @@ def fsdp_qlora_run(model: str, batch_size: int, seq_len: int) -> MemoryEstimate:
                            optimizer="adamw_torch", upcast_non_quantized=False)
 
 
-def _plan(model: str, gpu: str, batch_size: int, seq_len: int, num_gpus: int, cpu_offload: bool):
-    per_gpu = shard_estimate(fsdp_qlora_run(model, batch_size, seq_len), model, "fsdp", num_gpus, cpu_offload)
-    return will_it_fit(per_gpu, gpu)
+def _plan(run, model: str, gpu: str, num_gpus: int, cpu_offload: bool):
+    """Whether ``run`` (a one-GPU plan of ``model``) fits ``num_gpus`` cards of kind ``gpu`` under FSDP."""
+    return will_it_fit(shard_estimate(run, model, "fsdp", num_gpus, cpu_offload), gpu)
 
 
 def reference(model: str, gpu: str, batch_size: int, seq_len: int):
@@ -55,7 +55,7 @@ def _reference(model: str, gpu: str, batch_size: int, seq_len: int):
     run = fsdp_qlora_run(model, batch_size, seq_len)
     for offload in (False, True):
         for n in range(1, MAX_GPUS + 1):
-            if will_it_fit(shard_estimate(run, model, "fsdp", n, offload), gpu).fits:
+            if _plan(run, model, gpu, n, offload).fits:
                 return n, offload
     return DOES_NOT_FIT
 
@@ -88,7 +88,7 @@ def _what_is_off(case, answer, want) -> str:
     if answer == DOES_NOT_FIT:
         return f"{where}: you say nothing fits, but some plan with at most {MAX_GPUS} GPUs does"
     n, offload = answer
-    fit = _plan(model, gpu, batch_size, seq_len, n, offload)
+    fit = _plan(fsdp_qlora_run(model, batch_size, seq_len), model, gpu, n, offload)
     said = f"{n} GPU{'s' if n > 1 else ''}{' with CPU offload' if offload else ''}"
     if not fit.fits:
         return f"{where}: on {said} the plan {fit}"
